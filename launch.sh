@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Wan2.1 text-to-video launcher.
+#   ./launch.sh [app flags]          create .venv on first use, then start the app on every visible GPU
+#   ./launch.sh test [pytest args]   same environment plus test extras, run the test suite on CPU
+# Launcher flags: --no-venv (or LAUNCH_NO_VENV=1) uses the current python3; --nproc N overrides the
+# number of ranks; --nnodes/--node_rank/--master_addr/--master_port/--rdzv_endpoint for several nodes.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+
+log() { echo "[launch] $*" >&2; }
+
+NO_VENV="${LAUNCH_NO_VENV:-0}"
+MODE=run
+if [[ "${1:-}" == "test" ]]; then MODE=test; shift; fi
+
+# ---- launcher-only flags (everything else goes to app.py untouched) -------------------------------
+NPROC=""; NNODES=1; NODE_RANK=0; RDZV_ENDPOINT=""; MAX_RESTARTS="${LAUNCH_MAX_RESTARTS:-3}"
+APP_ARGS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --no-venv|--no_venv) NO_VENV=1; shift ;;
+    --nproc|--nproc_per_node|--nproc-per-node) NPROC="$2"; shift 2 ;;
+    --nproc=*|--nproc_per_node=*) NPROC="${1#*=}"; shift ;;
+    --nnodes) NNODES="$2"; shift 2 ;;
+    --node_rank|--node-rank) NODE_RANK="$2"; shift 2 ;;
+    --master_addr|--master-addr) export MASTER_ADDR="$2"; shift 2 ;;
+    --master_port|--master-port) export MASTER_PORT="$2"; shift 2 ;;
+    --rdzv_endpoint|--rdzv-endpoint) RDZV_ENDPOINT="$2"; shift 2 ;;
+    --max_restarts|--max-restarts) MAX_RESTARTS="$2"; shift 2 ;;
+    *) APP_ARGS+=("$1"); shift ;;
+  esac
+done
+
+# ---- environment ----------------------------------------------------------------------------------
+VENV="${WAN_VENV:-$ROOT/.venv}"
+REQ=requirements.txt
+[[ "$MODE" == test ]] && REQ=requirements-test.txt
+req_hash() { cat requirements.txt "$1" | sha256sum | cut -c1-16; }
+
+ensure_venv() {
+  local want stamp="$VENV/.requirements-$(basename "$REQ" .txt)"
+  want="$(req_hash "$REQ")"
+  if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
+  local py="${PYTHON:-python3}"
+  "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+    || { echo "Python 3.10+ is needed (found $("$py" --version 2>&1)); set PYTHON=/path/to/python3.10+" >&2; exit 2; }
+  log "setting up $VENV from $REQ (first run only)"
+  [[ -x "$VENV/bin/python" ]] || "$py" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  "$VENV/bin/python" -m pip install -q -r "$REQ" >&2
+  echo "$want" > "$stamp"
+}
+
+if [[ "$NO_VENV" == 1 ]]; then
+  PY="$(command -v python3)"
+else
+  ensure_venv
+  PY="$VENV/bin/python"
+fi
+
+if [[ "$MODE" == test ]]; then
+  export CUDA_VISIBLE_DEVICES="${TEST_CUDA_VISIBLE_DEVICES-}"   # the suite runs on CPU
+  exec "$PY" -m pytest tests "${APP_ARGS[@]}"
+fi
+
+# ---- how many ranks --------------------------------------------------------------------------------
+if [[ -z "$NPROC" ]]; then
+  NPROC="$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 1)' 2>/dev/null || echo 1)"
+  [[ "$NPROC" -ge 1 ]] || NPROC=1
+fi
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then echo "--nproc must be a positive integer, got '$NPROC'" >&2; exit 2; fi
+
+if [[ "$NPROC" == 1 && "$NNODES" == 1 ]]; then
+  exec "$PY" app.py "${APP_ARGS[@]}"
+fi
+
+# ---- torchrun gang ---------------------------------------------------------------------------------
+RUN=("$PY" -m torch.distributed.run --nproc_per_node="$NPROC" --max_restarts="$MAX_RESTARTS")
+if [[ "$NNODES" != 1 ]]; then
+  ENDPOINT="${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
+  RUN+=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --rdzv_backend=c10d --rdzv_endpoint="$ENDPOINT" --rdzv_id="${RDZV_ID:-wan21}")
+elif [[ -n "${MASTER_ADDR:-}" || -n "${MASTER_PORT:-}" || -n "$RDZV_ENDPOINT" ]]; then
+  ENDPOINT="${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
+  RUN+=(--rdzv_backend=c10d --rdzv_endpoint="$ENDPOINT" --rdzv_id="${RDZV_ID:-wan21}")
+else
+  RUN+=(--standalone)
+fi
+log "starting $NPROC rank(s) per node x $NNODES node(s) with torchrun (restarts up to $MAX_RESTARTS)"
+exec "${RUN[@]}" app.py "${APP_ARGS[@]}"
