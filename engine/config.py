@@ -1,0 +1,82 @@
+"""Model configs (1.3B, 14B, tiny), supported sizes and sampling defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HEAD_DIM = 128
+TEXT_LEN = 512
+FPS = 16
+VAE_STRIDE = (4, 8, 8)  # (time, height, width) compression of the VAE
+PATCH = (1, 2, 2)  # DiT patch (t, h, w)
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Shape of a Wan2.1 DiT; everything else follows from these numbers."""
+
+    dim: int
+    ffn_dim: int
+    num_layers: int
+    freq_dim: int = 256
+    text_dim: int = 4096
+    in_dim: int = 16
+    out_dim: int = 16
+    eps: float = 1e-6
+    text_len: int = TEXT_LEN
+
+    @property
+    def num_heads(self) -> int:
+        return self.dim // HEAD_DIM
+
+    @property
+    def head_dim(self) -> int:
+        return HEAD_DIM
+
+    @property
+    def name(self) -> str:
+        """The named size this shape corresponds to, or 'custom'."""
+        for name, cfg in DIT_CONFIGS.items():
+            if (cfg.dim, cfg.ffn_dim, cfg.num_layers) == (self.dim, self.ffn_dim, self.num_layers):
+                return name
+        return "custom"
+
+
+DIT_CONFIGS: dict[str, DiTConfig] = {
+    "1.3B": DiTConfig(dim=1536, ffn_dim=8960, num_layers=30),
+    "14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40),
+    # The embedded demo model: dim 512 → 4 heads of 128, so Ulysses 4 is testable.
+    "tiny": DiTConfig(dim=512, ffn_dim=1024, num_layers=3, text_dim=64),
+}
+
+# Sizes (W*H) each real model was trained for; the tiny model accepts any multiple of 16.
+SUPPORTED_SIZES: dict[str, tuple[str, ...]] = {
+    "1.3B": ("832*480", "480*832"),
+    "14B": ("1280*720", "720*1280", "832*480", "480*832"),
+}
+TINY_SIZES = ("256*256", "208*144", "320*192", "192*320")
+
+# Sampling defaults per model (official generate.py): shift and guidance.
+SAMPLE_DEFAULTS: dict[str, dict[str, float]] = {
+    "1.3B": {"sample_shift": 8.0, "sample_guide_scale": 6.0},
+    "14B": {"sample_shift": 5.0, "sample_guide_scale": 5.0},
+    "tiny": {"sample_shift": 5.0, "sample_guide_scale": 5.0},
+    "custom": {"sample_shift": 5.0, "sample_guide_scale": 5.0},
+}
+
+
+def latent_shape(width: int, height: int, frames: int, z_dim: int = 16) -> tuple[int, int, int, int]:
+    """(C, F', H/8, W/8) of the latent for a video of this size."""
+    return (z_dim, (frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2])
+
+
+def token_count(width: int, height: int, frames: int) -> int:
+    """Sequence length of the DiT for a video of this size."""
+    _, f, h, w = latent_shape(width, height, frames)
+    return f * (h // PATCH[1]) * (w // PATCH[2])

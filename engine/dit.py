@@ -1,0 +1,274 @@
+"""Wan2.1 text-to-video DiT, official key layout, written once without any parallel code.
+
+Hooks that `parallel/` (and the step cache) use without touching this file's math:
+  * `WanAttention.attn_fn`: the attention kernel, (B, L, heads, head_dim) q/k/v → same shape.
+  * `WanDiT.tokens`: how the token sequence is split before the blocks and gathered after them
+    (identity here; sequence parallel splits it and rotates each shard by its global positions).
+  * `WanDiT.block_runner`: runs the block stack (plain loop here; the step cache may skip it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.attention import dense_attention
+from engine.config import PATCH, DiTConfig
+
+AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------
+# small pieces
+# ----------------------------------------------------------------------------------------------------
+def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal timestep features, cos first, computed in float64 → (B, dim) float32."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = torch.outer(t.to(torch.float64), freqs)  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+
+
+def linear_fp32(x: Tensor, layer: nn.Linear) -> Tensor:
+    """A small Linear evaluated in float32 whatever the weights' dtype (time embedding, modulation)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def layer_norm_fp32(x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """LayerNorm over the last dim in float32."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim, computed in float32, output in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class LayerNormAffine(nn.Module):
+    """Affine LayerNorm (norm3 before cross-attention), in float32, official key names."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_norm_fp32(x, self.eps, self.weight, self.bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3D RoPE
+# ----------------------------------------------------------------------------------------------------
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Channels of head_dim given to (time, height, width): 128 → (44, 42, 42)."""
+    d = head_dim // 6
+    return head_dim - 4 * d, 2 * d, 2 * d
+
+
+def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> Tensor:
+    """cos/sin of every token's rotation angles → (L, head_dim/2, 2) float32, tokens in (f, h, w) order."""
+    f, h, w = grid
+    angles = []
+    for n, axis_dim, shape in zip((f, h, w), rope_axis_dims(head_dim), ((f, 1, 1), (1, h, 1), (1, 1, w))):
+        inv = 1.0 / torch.pow(10000.0, torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
+        a = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv)  # (n, axis_dim/2)
+        angles.append(a.view(*shape, -1).expand(f, h, w, -1))
+    ang = torch.cat(angles, dim=-1).reshape(f * h * w, head_dim // 2)  # (L, 64)
+    return torch.stack([ang.cos(), ang.sin()], dim=-1).float()  # (L, 64, 2)
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs of x (B, L, H, D) by table (L, D/2, 2); float32 math, x's dtype out."""
+    b, s, n, d = x.shape
+    xp = x.float().view(b, s, n, d // 2, 2)  # (B, L, H, D/2, 2)
+    cos = table[None, :, None, :, 0]  # (1, L, 1, D/2)
+    sin = table[None, :, None, :, 1]
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, L, H, D/2, 2)
+    return out.flatten(3).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention and blocks
+# ----------------------------------------------------------------------------------------------------
+class WanAttention(nn.Module):
+    """q/k/v/o projections with RMS qk-norm over the full dim; RoPE for self-attention only."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.attn_fn: AttnFn = dense_attention
+
+    def forward(self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None) -> Tensor:
+        src = x if context is None else context
+        b, s, _ = x.shape
+        n = self.num_heads
+        q = self.norm_q(self.q(x)).view(b, s, n, -1)  # (B, L, heads, head_dim)
+        k = self.norm_k(self.k(src)).view(b, src.shape[1], n, -1)  # (B, Lk, heads, head_dim)
+        v = self.v(src).view(b, src.shape[1], n, -1)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = self.attn_fn(q, k, v)  # (B, L, heads, head_dim)
+        return self.o(out.flatten(2))
+
+
+class WanBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention, modulated FFN; fp32 residual."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = WanAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNormAffine(cfg.dim, cfg.eps)
+        self.cross_attn = WanAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
+
+    def forward(self, x: Tensor, e0: Tensor, context: Tensor, rope: Tensor) -> Tensor:
+        dtype = self.ffn[0].weight.dtype
+        mod = self.modulation.float() + e0  # (B, 6, dim) float32
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unsqueeze(2).unbind(1)  # each (B, 1, dim)
+        h = layer_norm_fp32(x, self.eps) * (1 + scale_sa) + shift_sa
+        x = x + self.self_attn(h.to(dtype), rope=rope).float() * gate_sa
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context=context).float()
+        h = layer_norm_fp32(x, self.eps) * (1 + scale_ff) + shift_ff
+        return x + self.ffn(h.to(dtype)).float() * gate_ff
+
+
+class Head(nn.Module):
+    """Output head: LayerNorm modulated by the time embedding `e` (not e0), then Linear → 64 per token."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(PATCH))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)  # each (B, 1, dim)
+        h = layer_norm_fp32(x, self.eps) * (1 + scale) + shift
+        return self.head(h.to(self.head.weight.dtype)).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the model
+# ----------------------------------------------------------------------------------------------------
+class TokenLayout(Protocol):
+    """How the (B, L, dim) token sequence and its RoPE table are laid out over ranks."""
+
+    def split(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def gather(self, x: Tensor) -> Tensor: ...
+
+
+class LocalTokens:
+    """All tokens on this process (no sequence parallelism)."""
+
+    def split(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+        return x, rope
+
+    def gather(self, x: Tensor) -> Tensor:
+        return x
+
+
+def run_blocks(model: WanDiT, x: Tensor, e: Tensor, e0: Tensor, context: Tensor, rope: Tensor) -> Tensor:
+    """The plain block loop (the step cache replaces this runner to skip it on some steps)."""
+    for block in model.blocks:
+        x = block(x, e0, context, rope)
+    return x
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 T2V DiT: `model(x (B,16,F',H/8,W/8), t (B,), context (B,L<=512,text_dim)) -> velocity`."""
+
+    # How the model may be split (diffusers-style class data used by parallel/).
+    _repeated_blocks = ("WanBlock",)
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=PATCH, stride=PATCH)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.tokens: TokenLayout = LocalTokens()
+        self.block_runner: Callable[..., Tensor] = run_blocks
+        self._rope_cache: dict[tuple, Tensor] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.head.weight.dtype
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> Tensor:
+        """The (L, 64, 2) RoPE table for a latent grid, cached per grid and device."""
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_table(grid, self.cfg.head_dim, device)
+        return self._rope_cache[key]
+
+    def time_embed(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """e (B, dim) and e0 (B, 6, dim), both float32."""
+        lin1, _, lin2 = self.time_embedding
+        e = linear_fp32(F.silu(linear_fp32(timestep_sinusoid(t, self.cfg.freq_dim), lin1)), lin2)
+        e0 = linear_fp32(F.silu(e), self.time_projection[1]).unflatten(1, (6, self.cfg.dim))  # (B, 6, dim)
+        return e, e0
+
+    def embed_text(self, context: Tensor) -> Tensor:
+        """(B, L<=text_len, text_dim) → zero-padded to text_len rows → (B, text_len, dim); pads are not masked."""
+        pad = self.cfg.text_len - context.shape[1]
+        if pad < 0:
+            raise ValueError(f"context has {context.shape[1]} tokens; at most {self.cfg.text_len} are allowed")
+        context = F.pad(context.to(self.dtype), (0, 0, 0, pad))
+        return self.text_embedding(context)
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        # 1. patchify: (B, C, F', H', W') → (B, L, dim), tokens in (frame, row, col) order
+        b, _, f, h, w = x.shape
+        grid = (f // PATCH[0], h // PATCH[1], w // PATCH[2])
+        tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # (B, L, dim)
+        # 2. conditions: timestep embeddings (fp32) and text embedding
+        e, e0 = self.time_embed(t)
+        ctx = self.embed_text(context)
+        # 3. blocks, on this rank's share of the tokens (RoPE by global position)
+        tokens, rope = self.tokens.split(tokens, self.rope(grid, x.device))
+        tokens = self.block_runner(self, tokens, e, e0, ctx, rope)
+        # 4. head on the local tokens, then gather and unpatchify
+        out = self.tokens.gather(self.head(tokens, e))  # (B, L, 64)
+        return unpatchify(out, grid, self.cfg.out_dim)
+
+
+def unpatchify(out: Tensor, grid: tuple[int, int, int], channels: int) -> Tensor:
+    """(B, L, pt·ph·pw·C) with C fastest → (B, C, F', H', W')."""
+    b = out.shape[0]
+    f, h, w = grid
+    pt, ph, pw = PATCH
+    out = out.view(b, f, h, w, pt, ph, pw, channels)  # (B, f, h, w, pt, ph, pw, C)
+    out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+    return out.reshape(b, channels, f * pt, h * ph, w * pw)

@@ -1,0 +1,195 @@
+"""Public loading API: find model files in the user's layout and load DiT, VAE and text encoder.
+
+Layouts: the official names (safetensors file, or a folder of shards with an index json), ComfyUI files
+(with or without the `model.diffusion_model.` prefix, fp8 with or without `scale_weight`), and
+diffusers-format folders. Modules are built on the meta device and filled tensor by tensor from
+mmap'd files, converted to the run dtype on the fly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import (
+    CheckpointView,
+    LazyStateDict,
+    ModelNotFoundError,
+    WrongModelError,
+    load_into,
+    open_checkpoint,
+)
+from engine.config import HEAD_DIM, PATCH, DiTConfig
+from engine.dit import WanDiT
+
+log = logging.getLogger("wan.loading")
+
+COMFY_PREFIX = "model.diffusion_model."
+
+# diffusers WanTransformer3DModel name → official name (applied in order; inverse of diffusers' converter)
+_DIFFUSERS_DIT_RENAMES = (
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1.", "self_attn."),
+    ("attn2.", "cross_attn."),
+    (".to_out.0.", ".o."),
+    (".to_q.", ".q."),
+    (".to_k.", ".k."),
+    (".to_v.", ".v."),
+    ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
+    (".norm2.", ".norm3."),  # diffusers' norm2 is the affine cross-attention norm (official norm3)
+    ("proj_out", "head.head"),
+)
+
+
+def dit_name_from_diffusers(name: str) -> str:
+    """Map one diffusers transformer tensor name to the official Wan name."""
+    if name == "scale_shift_table":
+        return "head.modulation"
+    if name.endswith(".scale_shift_table"):
+        return name.replace(".scale_shift_table", ".modulation")
+    for old, new in _DIFFUSERS_DIT_RENAMES:
+        name = name.replace(old, new)
+    return name
+
+
+def _dit_rename(keys: list[str]):
+    diffusers = any(k.startswith("condition_embedder.") or k == "scale_shift_table" for k in keys)
+
+    def rename(k: str) -> str:
+        k = k[len(COMFY_PREFIX) :] if k.startswith(COMFY_PREFIX) else k
+        return dit_name_from_diffusers(k) if diffusers else k
+
+    return rename
+
+
+def dit_config_from_shapes(view: CheckpointView, path: Path | str) -> DiTConfig:
+    """Infer dim, ffn, layers, text/freq dims from tensor shapes (heads = dim/128)."""
+    if "blocks.0.self_attn.q.weight" not in view:
+        sample = next(iter(view), "<empty>")
+        raise WrongModelError(
+            f"{path} is not a Wan2.1 DiT: it has no 'blocks.0.self_attn.q.weight' tensor (first tensor: '{sample}')"
+        )
+    dim = view.shape("blocks.0.self_attn.q.weight")[0]
+    if dim % HEAD_DIM:
+        raise WrongModelError(f"{path}: dim {dim} is not a multiple of the head size {HEAD_DIM}")
+    layers = 1 + max(int(k.split(".")[1]) for k in view if k.startswith("blocks."))
+    return DiTConfig(
+        dim=dim,
+        ffn_dim=view.shape("blocks.0.ffn.0.weight")[0],
+        num_layers=layers,
+        freq_dim=view.shape("time_embedding.0.weight")[1],
+        text_dim=view.shape("text_embedding.0.weight")[1],
+        in_dim=view.shape("patch_embedding.weight")[1],
+        out_dim=view.shape("head.head.weight")[0] // (PATCH[0] * PATCH[1] * PATCH[2]),
+    )
+
+
+def open_dit(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[CheckpointView, DiTConfig]:
+    """Open a DiT checkpoint lazily in official names and infer its config (no data read)."""
+    sd = open_checkpoint(path)
+    view = CheckpointView(sd, _dit_rename(list(sd)), dtype)
+    return view, dit_config_from_shapes(view, path)
+
+
+def build_dit(cfg: DiTConfig) -> WanDiT:
+    """The DiT on the meta device (no memory), ready for `load_into` or sharding."""
+    with torch.device("meta"):
+        return WanDiT(cfg)
+
+
+def load_dit(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, expect: DiTConfig | None = None
+) -> WanDiT:
+    """Load a Wan2.1 T2V DiT from any supported layout: `model(x, t, context) -> velocity`."""
+    view, cfg = open_dit(path, dtype)
+    model = build_dit(expect or cfg)
+    load_into(model, view, device, dtype, f"Wan2.1 DiT ({(expect or cfg).name})", path)
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# VAE
+# ----------------------------------------------------------------------------------------------------
+def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load the Wan causal 3D VAE (official, ComfyUI or diffusers names): `.encode(video)`, `.decode(latents)`."""
+    from engine.vae import WanVAE, is_diffusers_vae, vae_config_from_state_dict, vae_name_from_diffusers
+
+    sd = open_checkpoint(path)
+    rename = vae_name_from_diffusers if is_diffusers_vae(list(sd)) else (lambda k: k)
+    view = CheckpointView(sd, rename, dtype)
+    if "decoder.conv1.weight" not in view:
+        raise WrongModelError(f"{path} is not a Wan2.1 VAE: it has no 'decoder.conv1.weight' tensor")
+    cfg = vae_config_from_state_dict({k: _ShapeOnly(view.shape(k)) for k in view})
+    with torch.device("meta"):
+        vae = WanVAE(**cfg)
+    load_into(vae, view, device, dtype, "Wan2.1 VAE", path)
+    return vae.eval().requires_grad_(False)
+
+
+class _ShapeOnly:
+    """Stands in for a tensor where only `.shape` is needed (config inference without reading data)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = torch.Size(shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# text encoder
+# ----------------------------------------------------------------------------------------------------
+TOKENIZER_PLACES = ("tokenizer", "google/umt5-xxl", "umt5-xxl", "umt5_xxl_tokenizer", "tokenizer.json")
+
+
+def find_tokenizer(t5_path: Path, tokenizer_path: str | Path | None) -> Path | None:
+    """An explicit tokenizer path, else a tokenizer folder/json next to the T5 weights (None if none)."""
+    if tokenizer_path:
+        p = Path(tokenizer_path)
+        if not p.exists():
+            raise ModelNotFoundError(f"tokenizer not found: {p}")
+        return p
+    base = t5_path if t5_path.is_dir() else t5_path.parent
+    for root in (base, base.parent):
+        for name in TOKENIZER_PLACES:
+            if (root / name).exists():
+                return root / name
+    return None
+
+
+def load_text_encoder(
+    path: str | Path,
+    tokenizer_path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Load the umt5-xxl encoder (HF names or official Wan `.pth` names) and its tokenizer."""
+    from engine.text_encoder import load_tokenizer, spiece_model_bytes, text_encoder_from_state_dict
+
+    path = Path(path)
+    sd = open_checkpoint(path)
+    if "shared.weight" not in sd and "token_embedding.weight" not in sd and "encoder.embed_tokens.weight" not in sd:
+        raise WrongModelError(f"{path} is not a umt5 text encoder: it has no token embedding tensor")
+    tok_path = find_tokenizer(path, tokenizer_path)
+    spiece = spiece_model_bytes(sd) if "spiece_model" in sd else None
+    if tok_path is None and spiece is None:
+        base = path if path.is_dir() else path.parent
+        raise ModelNotFoundError(
+            f"no tokenizer for {path}: looked for {', '.join(TOKENIZER_PLACES)} in {base} and {base.parent}, and for a "
+            "'spiece_model' tensor in the file. Put the google/umt5-xxl tokenizer folder there or pass --tokenizer PATH."
+        )
+    tokenizer = load_tokenizer(tok_path, spiece=spiece) if tok_path else load_tokenizer(None, spiece=spiece)
+    view = CheckpointView(sd, lambda k: k, dtype)
+    return text_encoder_from_state_dict(view, tokenizer, device, dtype)
+
+
+def is_lazy(sd) -> bool:
+    """True for the lazy state dicts this module hands out."""
+    return isinstance(sd, (LazyStateDict, CheckpointView))

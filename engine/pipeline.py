@@ -1,0 +1,158 @@
+"""Text → video in one process: encode prompts → seeded noise → denoise with CFG → decode."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.config import latent_shape
+from engine.request import GenerationRequest
+from engine.scheduler import make_scheduler
+
+log = logging.getLogger("wan.pipeline")
+
+StepCallback = Callable[[int, int], None]  # (step about to run, total steps); may raise to stop
+
+
+class Cancelled(Exception):
+    """The request was cancelled at a step boundary."""
+
+
+@dataclass
+class GenerationResult:
+    """Latents (always), decoded video (when decoded) and the run's measurements."""
+
+    request: GenerationRequest
+    latents: Tensor  # (B, 16, F', H/8, W/8) float32, CPU
+    video: Tensor | None = None  # (B, 3, F, H, W) in [-1, 1], CPU
+    dit_forwards: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory_gib: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak device memory of this process (CUDA allocator peak, else max RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def pad_contexts(embs: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """List of (L_i, D) → (B, max L, D) zero-padded (the DiT pads further to 512)."""
+    length = max(e.shape[0] for e in embs)
+    out = embs[0].new_zeros(len(embs), length, embs[0].shape[1], dtype=dtype)
+    for i, e in enumerate(embs):
+        out[i, : e.shape[0]] = e.to(dtype)
+    return out
+
+
+class WanPipeline:
+    """Holds the three models; `generate(request)` runs one request start to finish."""
+
+    def __init__(
+        self,
+        dit: torch.nn.Module,
+        text_encoder: Any,
+        vae: torch.nn.Module,
+        device: torch.device | str,
+        model_name: str = "custom",
+        random_weights: bool = False,
+    ) -> None:
+        self.dit = dit
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.device = torch.device(device)
+        self.model_name = model_name
+        self.random_weights = random_weights
+        self.dit_forwards = 0
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def encode_prompts(self, req: GenerationRequest) -> tuple[Tensor, Tensor]:
+        """(B, L, text_dim) contexts for the prompt and the negative prompt, on the DiT's device."""
+        embs = self.text_encoder.encode([req.prompt, req.negative_prompt])
+        ctx = [e.to(self.device) for e in embs]
+        b = req.batch_size
+        return pad_contexts([ctx[0]] * b, torch.float32), pad_contexts([ctx[1]] * b, torch.float32)
+
+    def initial_noise(self, req: GenerationRequest) -> Tensor:
+        """fp32 noise from CPU generators seeded base_seed + i (the same on every machine and rank)."""
+        shape = latent_shape(req.width, req.height, req.frame_num, self.dit.cfg.in_dim)
+        noise = [
+            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(req.base_seed + i), dtype=torch.float32)
+            for i in range(req.batch_size)
+        ]
+        return torch.stack(noise).to(self.device)  # (B, C, F', H/8, W/8)
+
+    def model_forward(self, x: Tensor, t: Tensor, context: Tensor, branch: str) -> Tensor:
+        """One logical DiT forward (branch is 'cond' or 'uncond'; the step cache keys its state on it)."""
+        self.dit_forwards += 1
+        return self.dit(x, t, context)
+
+    def predict_velocity(self, x: Tensor, t: Tensor, ctx_c: Tensor, ctx_u: Tensor, guide: float) -> Tensor:
+        """Classifier-free guidance: v_u + g·(v_c − v_u), two forwards (one when g == 1)."""
+        v_c = self.model_forward(x, t, ctx_c, "cond")
+        if guide == 1.0:
+            return v_c
+        v_u = self.model_forward(x, t, ctx_u, "uncond")
+        return v_u + guide * (v_c - v_u)
+
+    def denoise(self, req: GenerationRequest, ctx_c: Tensor, ctx_u: Tensor, on_step: StepCallback | None = None) -> Tensor:
+        """Run the sampler from seeded noise to the final latents (B, C, F', H/8, W/8) fp32."""
+        sched = make_scheduler(req.sample_solver, req.sample_steps, req.sample_shift)
+        x = self.initial_noise(req)
+        for i, t in enumerate(sched.timesteps.tolist()):
+            if on_step is not None:
+                on_step(i, req.sample_steps)
+            tt = torch.full((x.shape[0],), float(t), device=self.device)
+            v = self.predict_velocity(x, tt, ctx_c, ctx_u, req.sample_guide_scale)
+            x = sched.step(v.float(), i, x)
+        if on_step is not None:
+            on_step(req.sample_steps, req.sample_steps)
+        return x
+
+    def decode(self, latents: Tensor, tiled: bool = False) -> Tensor:
+        """Latents → video (B, 3, F, H, W) in [-1, 1] on the CPU, one video at a time."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        vae_device = next(self.vae.parameters()).device
+        out = [self.vae.decode(z[None].to(vae_device, vae_dtype), tile=tiled).float().cpu() for z in latents]
+        return torch.cat(out)
+
+    # -- whole request --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None, decode: bool = True, tiled: bool = False) -> GenerationResult:
+        """Encode, denoise and (optionally) decode one validated request with a concrete seed."""
+        if req.base_seed < 0:
+            raise ValueError("generate() needs a concrete seed: call request.with_seed() first")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.dit_forwards = 0
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        ctx_c, ctx_u = self.encode_prompts(req)
+        timings["text_encoder_s"] = self._since(t0)
+        t1 = time.perf_counter()
+        latents = self.denoise(req, ctx_c, ctx_u, on_step)
+        timings["denoise_s"] = self._since(t1)
+        timings["per_step_s"] = timings["denoise_s"] / max(req.sample_steps, 1)
+        result = GenerationResult(req, latents.float().cpu(), dit_forwards=self.dit_forwards)
+        if decode:
+            t2 = time.perf_counter()
+            result.video = self.decode(latents, tiled=tiled)
+            timings["vae_decode_s"] = self._since(t2)
+        timings["total_s"] = self._since(t0)
+        result.timings = timings
+        result.peak_memory_gib = peak_memory_gib(self.device)
+        return result
+
+    def _since(self, t: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return round(time.perf_counter() - t, 4)

@@ -1,0 +1,162 @@
+"""GenerationRequest and its validation: every user value is checked here, with messages naming the field."""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from engine.config import DEFAULT_NEGATIVE_PROMPT, SUPPORTED_SIZES
+
+MAX_PROMPT_CHARS = 2000
+MAX_PROMPT_TOKENS = 512
+MAX_FRAMES = 241
+MAX_STEPS = 200
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 8
+SOLVERS = ("unipc", "euler", "dpm++")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+class RequestError(ValueError):
+    """An invalid request value; `field` names the parameter, the message says what is allowed."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A fully resolved, validated request: the only thing that crosses the control plane."""
+
+    prompt: str
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    width: int = 832
+    height: int = 480
+    frame_num: int = 81
+    sample_steps: int = 50
+    sample_guide_scale: float = 5.0
+    sample_shift: float = 5.0
+    sample_solver: str = "unipc"
+    base_seed: int = -1
+    batch_size: int = 1
+    # per-request layout and speed knobs (validated against the running world by parallel/)
+    ulysses_size: int = 1
+    ring_size: int = 1
+    cfg_size: int = 1
+    teacache: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}*{self.height}"
+
+    def with_seed(self) -> GenerationRequest:
+        """This request with a concrete seed (random when -1), chosen once on rank 0."""
+        if self.base_seed >= 0:
+            return self
+        return replace(self, base_seed=secrets.randbelow(MAX_SEED + 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the loaded model accepts."""
+
+    model: str = "14B"
+    sizes: tuple[str, ...] = SUPPORTED_SIZES["14B"]
+    any_multiple_of_16: bool = False  # the tiny model accepts any W*H that are multiples of 16
+    max_side: int = 1920
+    count_tokens: Callable[[str], int] | None = None
+    solvers: tuple[str, ...] = SOLVERS
+
+
+def _number(field_name: str, value: Any, lo: float, hi: float, integer: bool) -> float | int:
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or value is None:
+        raise RequestError(field_name, f"must be {kind} between {lo:g} and {hi:g}, got {value!r}")
+    try:
+        x = float(value) if not isinstance(value, (int, float)) else value
+    except (TypeError, ValueError):
+        raise RequestError(field_name, f"must be {kind} between {lo:g} and {hi:g}, got {str(value)[:40]!r}") from None
+    if not math.isfinite(x):
+        raise RequestError(field_name, f"must be a finite number between {lo:g} and {hi:g}, got {x}")
+    if integer:
+        if float(x) != int(x):
+            raise RequestError(field_name, f"must be {kind} between {lo:g} and {hi:g}, got {x}")
+        x = int(x)
+    if not lo <= x <= hi:
+        raise RequestError(field_name, f"must be between {lo:g} and {hi:g}, got {x}")
+    return x
+
+
+def _text(field_name: str, value: Any, limits: RequestLimits, allow_empty: bool) -> str:
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise RequestError(field_name, f"must be text, got {type(value).__name__}")
+    text = _CONTROL.sub("", value).strip()
+    if not text and not allow_empty:
+        raise RequestError(field_name, "must not be empty")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise RequestError(field_name, f"must be at most {MAX_PROMPT_CHARS} characters, got {len(text)}")
+    if text and limits.count_tokens is not None:
+        n = limits.count_tokens(text)
+        if n > MAX_PROMPT_TOKENS:
+            raise RequestError(field_name, f"must be at most {MAX_PROMPT_TOKENS} tokens, got {n}")
+    return text
+
+
+def parse_size(value: Any, limits: RequestLimits) -> tuple[int, int]:
+    """'W*H' (or 'WxH') → (W, H), checked against the model's sizes."""
+    allowed = ", ".join(limits.sizes)
+    if not isinstance(value, str) or not re.fullmatch(r"\s*\d{1,5}\s*[*xX]\s*\d{1,5}\s*", value):
+        raise RequestError("size", f"must look like W*H, one of {allowed}, got {str(value)[:40]!r}")
+    w, h = (int(s) for s in re.split(r"[*xX]", value.replace(" ", "")))
+    norm = f"{w}*{h}"
+    if limits.any_multiple_of_16:
+        if w % 16 or h % 16 or not (16 <= w <= limits.max_side and 16 <= h <= limits.max_side):
+            raise RequestError(
+                "size", f"the {limits.model} model takes W*H with W and H multiples of 16 between 16 and {limits.max_side}, got {norm}"
+            )
+    elif norm not in limits.sizes:
+        raise RequestError("size", f"{norm} is not supported by the {limits.model} model; choose one of {allowed}")
+    return w, h
+
+
+def validate_request(raw: Mapping[str, Any], limits: RequestLimits, defaults: Mapping[str, Any] | None = None) -> GenerationRequest:
+    """Check every field of a raw request (UI, API or CLI) and build a GenerationRequest."""
+    d = {**(defaults or {}), **{k: v for k, v in raw.items() if v is not None}}
+    prompt = _text("prompt", d.get("prompt"), limits, allow_empty=False)
+    negative = _text("negative_prompt", d.get("negative_prompt", ""), limits, allow_empty=True) or DEFAULT_NEGATIVE_PROMPT
+    width, height = parse_size(d.get("size", limits.sizes[0] if limits.sizes else "832*480"), limits)
+    frames = _number("frame_num", d.get("frame_num", 81), 1, MAX_FRAMES, integer=True)
+    if (frames - 1) % 4:
+        raise RequestError("frame_num", f"must be 4n+1 between 1 and {MAX_FRAMES} (e.g. 17, 33, 81), got {frames}")
+    solver = d.get("sample_solver", "unipc")
+    if solver not in limits.solvers:
+        raise RequestError("sample_solver", f"must be one of {', '.join(limits.solvers)}, got {str(solver)[:40]!r}")
+    seed = _number("base_seed", d.get("base_seed", -1), -1, MAX_SEED, integer=True)
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        frame_num=frames,
+        sample_steps=_number("sample_steps", d.get("sample_steps", 50), 1, MAX_STEPS, integer=True),
+        sample_guide_scale=float(_number("sample_guide_scale", d.get("sample_guide_scale", 5.0), 0, 20, integer=False)),
+        sample_shift=float(_number("sample_shift", d.get("sample_shift", 5.0), 0, 20, integer=False)),
+        sample_solver=solver,
+        base_seed=seed,
+        batch_size=_number("batch_size", d.get("batch_size", 1), 1, MAX_BATCH, integer=True),
+        ulysses_size=_number("ulysses_size", d.get("ulysses_size", 1), 1, 1024, integer=True),
+        ring_size=_number("ring_size", d.get("ring_size", 1), 1, 1024, integer=True),
+        cfg_size=_number("cfg_size", d.get("cfg_size", 1), 1, 2, integer=True),
+        teacache=float(_number("teacache", d.get("teacache", 0.0), 0, 10, integer=False)),
+    )

@@ -1,0 +1,103 @@
+"""The DiT matches diffusers' WanTransformer3DModel and has the official key layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import DIT_CONFIGS, DiTConfig
+from engine.dit import WanDiT, rope_table
+from engine.loading import build_dit
+from tests.conftest import rel_err
+from tests.weights import random_state_dict
+
+KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
+SMALL = DiTConfig(dim=256, ffn_dim=512, num_layers=2, text_dim=64)
+
+
+def read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for line in path.read_text().splitlines():
+        name, shape, _ = line.split("\t")
+        out[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    return out
+
+
+def diffusers_model(cfg: DiTConfig, sd: dict[str, torch.Tensor]):
+    """The same weights in diffusers' model, through diffusers' own official→diffusers converter."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    ref = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=cfg.num_heads, attention_head_dim=128, in_channels=16,
+        out_channels=16, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+    )
+    missing, unexpected = ref.load_state_dict(convert_wan_transformer_to_diffusers(dict(sd)), strict=True)
+    assert not missing and not unexpected
+    return ref.eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = WanDiT(SMALL)
+    sd = random_state_dict(model, seed=1)
+    model.load_state_dict(sd)
+    return model.eval(), diffusers_model(SMALL, sd)
+
+
+@pytest.mark.parametrize("timesteps", [(999.0, 500.0), (92.0, 3.0)])
+def test_forward_matches_diffusers_on_non_square_grid(pair, timesteps):
+    ours, ref = pair
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 3, 12, 20, generator=g)  # grid (3, 6, 10): non-square
+    t = torch.tensor(timesteps)
+    ctx = torch.zeros(2, 512, 64)
+    ctx[0, :7] = torch.randn(7, 64, generator=g)  # real tokens, zero rows beyond (as the pipeline pads)
+    ctx[1, :30] = torch.randn(30, 64, generator=g)
+    with torch.no_grad():
+        a = ours(x, t, ctx[:, :30])  # our model pads to 512 itself
+        b = ref(x, t, ctx, return_dict=False)[0]
+    assert a.shape == (2, 16, 3, 12, 20)
+    assert rel_err(a, b) < 1e-5
+
+
+def test_forward_is_deterministic(pair):
+    ours, _ = pair
+    x, t, ctx = torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x, t, ctx), ours(x, t, ctx))
+
+
+@pytest.mark.parametrize("size", ["1.3B", "14B"])
+def test_state_dict_matches_official_keys(size):
+    expected = read_tsv(KEYS / f"keys_dit_{size}.tsv")
+    model = build_dit(DIT_CONFIGS[size])
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected
+
+
+def test_official_param_counts():
+    for size, n in (("1.3B", 1_418_996_800), ("14B", 14_288_491_584)):
+        assert sum(p.numel() for p in build_dit(DIT_CONFIGS[size]).parameters()) == n
+
+
+def test_rope_table_uses_per_axis_ladders_and_token_order():
+    tab = rope_table((3, 4, 5), 128, torch.device("cpu"))  # (L, 64, 2)
+    assert tab.shape == (60, 64, 2)
+    ang = torch.atan2(tab[..., 1], tab[..., 0]).double()
+    # token (f=2, h=0, w=0): only the 22 time slots rotate, slot 1 at 2 * 10000^(-2/44)
+    tok = 2 * 20
+    assert torch.allclose(ang[tok, 1], torch.tensor(2 * 10000 ** (-2 / 44), dtype=torch.float64), atol=1e-6)
+    assert torch.all(ang[tok, 22:] == 0)
+    # token (0, 0, w=3): width slot j at 3 * 10000^(-2j/42)
+    j = 5
+    assert torch.allclose(ang[3, 43 + j], torch.tensor(3 * 10000 ** (-2 * j / 42), dtype=torch.float64), atol=1e-5)
+
+
+def test_context_longer_than_512_is_refused(pair):
+    ours, _ = pair
+    with pytest.raises(ValueError, match="context has 513 tokens; at most 512"):
+        ours(torch.randn(1, 16, 1, 4, 4), torch.tensor([1.0]), torch.randn(1, 513, 64))
