@@ -102,6 +102,7 @@ class LazyStateDict(Mapping[str, Tensor]):
 
 def _open_safetensors(path: Path):
     try:
+        _check_safetensors_size(path)
         h = safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         size = path.stat().st_size if path.exists() else 0
@@ -109,17 +110,18 @@ def _open_safetensors(path: Path):
             f"{path} is not a readable safetensors file ({size:,} bytes): {exc}. "
             "The download may be incomplete: compare the size with the source and download it again."
         ) from exc
-    _check_safetensors_size(path)
     return h
 
 
 def _check_safetensors_size(path: Path) -> None:
     """A safetensors file must be at least header + the largest data offset long (catches truncation)."""
+    size = path.stat().st_size
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
+        if n > size:
+            raise ValueError(f"header length {n:,} exceeds the file size")
+        header = json.loads(fh.read(n))  # raises ValueError on garbage
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    size = path.stat().st_size
     if size < 8 + n + end:
         raise CorruptFileError(
             f"{path} is truncated: it has {size:,} bytes but its header describes {8 + n + end:,}. "
@@ -207,6 +209,12 @@ def load_into(
     Names and shapes are checked first, so a file of another model fails before any data is read.
     """
     expected = module.state_dict()
+    for n, t in expected.items():
+        if n in view and tuple(view.shape(n)) != tuple(t.shape):
+            raise WrongModelError(
+                f"{path} does not match the {what}: tensor '{n}' has shape {tuple(view.shape(n))} in the file "
+                f"but the model expects {tuple(t.shape)}"
+            )
     missing = [n for n in expected if n not in view]
     if missing:
         raise WrongModelError(
@@ -215,13 +223,6 @@ def load_into(
     extra = [n for n in view if n not in expected]
     if extra:
         raise WrongModelError(f"{path} is not a {what} checkpoint: unexpected tensor '{extra[0]}' (and {len(extra) - 1} more)")
-    for n, t in expected.items():
-        got = view.shape(n)
-        if tuple(got) != tuple(t.shape):
-            raise WrongModelError(
-                f"{path} does not match the {what}: tensor '{n}' has shape {tuple(got)} in the file "
-                f"but the model expects {tuple(t.shape)}"
-            )
     new_sd = {n: view[n].to(device=device, dtype=dtype) for n in expected}
     module.load_state_dict(new_sd, strict=True, assign=True)
     return module
