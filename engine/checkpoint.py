@@ -202,13 +202,20 @@ def dequantize_fp8(sd: Mapping[str, Tensor], name: str, tensor: Tensor, dtype: t
 
 
 def load_into(
-    module: nn.Module, view: CheckpointView, device: torch.device | str, dtype: torch.dtype, what: str, path: Path | str
+    module: nn.Module,
+    view: CheckpointView,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    what: str,
+    path: Path | str,
+    skip: tuple[str, ...] = (),
 ) -> nn.Module:
     """Fill a meta-device module tensor by tensor: read, upcast/convert, move, assign.
 
     Names and shapes are checked first, so a file of another model fails before any data is read.
+    `skip` names tied aliases that the file does not hold (they are re-tied by the caller).
     """
-    expected = module.state_dict()
+    expected = {n: t for n, t in module.state_dict().items() if n not in skip}
     for n, t in expected.items():
         if n in view and tuple(view.shape(n)) != tuple(t.shape):
             raise WrongModelError(
@@ -224,7 +231,9 @@ def load_into(
     if extra:
         raise WrongModelError(f"{path} is not a {what} checkpoint: unexpected tensor '{extra[0]}' (and {len(extra) - 1} more)")
     new_sd = {n: view[n].to(device=device, dtype=dtype) for n in expected}
-    module.load_state_dict(new_sd, strict=True, assign=True)
+    result = module.load_state_dict(new_sd, strict=False, assign=True)
+    if result.unexpected_keys or set(result.missing_keys) - set(skip):
+        raise WrongModelError(f"{path}: could not load {what}: {result}")
     return module
 
 

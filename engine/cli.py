@@ -28,8 +28,8 @@ class RunConfig:
     prompt: str | None = None
     negative_prompt: str = ""
     size: str | None = None
-    frame_num: int = 81
-    sample_steps: int = 50
+    frame_num: int | None = None  # None: the model's default (81; 17 for the tiny model)
+    sample_steps: int | None = None
     sample_shift: float | None = None
     sample_guide_scale: float | None = None
     sample_solver: str = "unipc"

@@ -164,19 +164,39 @@ def find_tokenizer(t5_path: Path, tokenizer_path: str | Path | None) -> Path | N
     return None
 
 
-def load_text_encoder(
-    path: str | Path,
-    tokenizer_path: str | Path | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-):
-    """Load the umt5-xxl encoder (HF names or official Wan `.pth` names) and its tokenizer."""
-    from engine.text_encoder import load_tokenizer, spiece_model_bytes, text_encoder_from_state_dict
+def open_text_encoder(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Open umt5 weights lazily in HF names (Wan `.pth` names mapped) and build the meta model."""
+    from transformers import UMT5EncoderModel
 
-    path = Path(path)
+    from engine.text_encoder import t5_config_from_state_dict, t5_key_wan_to_hf
+
     sd = open_checkpoint(path)
     if "shared.weight" not in sd and "token_embedding.weight" not in sd and "encoder.embed_tokens.weight" not in sd:
         raise WrongModelError(f"{path} is not a umt5 text encoder: it has no token embedding tensor")
+    wan = "token_embedding.weight" in sd
+    has_shared = "shared.weight" in sd or wan
+
+    def rename(k: str) -> str | None:
+        k = t5_key_wan_to_hf(k) if wan else k
+        if k == "encoder.embed_tokens.weight":
+            return None if has_shared else "shared.weight"  # tied to shared.weight
+        return k
+
+    view = CheckpointView(sd, rename, dtype)
+    cfg = t5_config_from_state_dict({k: _ShapeOnly(view.shape(k)) for k in view})
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = UMT5EncoderModel(cfg)
+    return sd, view, model
+
+
+def _tie(model) -> None:
+    model.encoder.embed_tokens.weight = model.shared.weight
+
+
+def _tokenizer_for(path: Path, sd, tokenizer_path):
+    from engine.text_encoder import load_tokenizer, spiece_model_bytes
+
     tok_path = find_tokenizer(path, tokenizer_path)
     spiece = spiece_model_bytes(sd) if "spiece_model" in sd else None
     if tok_path is None and spiece is None:
@@ -185,9 +205,31 @@ def load_text_encoder(
             f"no tokenizer for {path}: looked for {', '.join(TOKENIZER_PLACES)} in {base} and {base.parent}, and for a "
             "'spiece_model' tensor in the file. Put the google/umt5-xxl tokenizer folder there or pass --tokenizer PATH."
         )
-    tokenizer = load_tokenizer(tok_path, spiece=spiece) if tok_path else load_tokenizer(None, spiece=spiece)
-    view = CheckpointView(sd, lambda k: k, dtype)
-    return text_encoder_from_state_dict(view, tokenizer, device, dtype)
+    return load_tokenizer(tok_path, spiece=spiece)
+
+
+def load_text_encoder(
+    path: str | Path,
+    tokenizer_path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    shard=None,
+):
+    """Load the umt5-xxl encoder (HF names or official Wan `.pth` names) and its tokenizer.
+
+    `shard(model, view)` (from parallel/) may shard and fill the meta model instead of a plain load.
+    """
+    from engine.text_encoder import TextEncoder
+
+    path = Path(path)
+    sd, view, model = open_text_encoder(path, dtype)
+    tokenizer = _tokenizer_for(path, sd, tokenizer_path)
+    if shard is not None:
+        shard(model, view)
+    else:
+        load_into(model, view, device, dtype, "umt5 text encoder", path, skip=("encoder.embed_tokens.weight",))
+    _tie(model)
+    return TextEncoder(model.eval().requires_grad_(False), tokenizer)
 
 
 def is_lazy(sd) -> bool:

@@ -54,6 +54,17 @@ def pad_contexts(embs: list[Tensor], dtype: torch.dtype) -> Tensor:
     return out
 
 
+class SequentialCFG:
+    """Classifier-free guidance v_u + g·(v_c − v_u) with two forwards in turn (one when g == 1)."""
+
+    def __call__(self, pipe: WanPipeline, x: Tensor, t: Tensor, ctx_c: Tensor, ctx_u: Tensor, guide: float) -> Tensor:
+        v_c = pipe.model_forward(x, t, ctx_c, "cond")
+        if guide == 1.0:
+            return v_c
+        v_u = pipe.model_forward(x, t, ctx_u, "uncond")
+        return v_u + guide * (v_c - v_u)
+
+
 class WanPipeline:
     """Holds the three models; `generate(request)` runs one request start to finish."""
 
@@ -73,6 +84,7 @@ class WanPipeline:
         self.model_name = model_name
         self.random_weights = random_weights
         self.dit_forwards = 0
+        self.guidance: Callable[..., Tensor] = SequentialCFG()
 
     # -- stages ---------------------------------------------------------------------------------------
     def encode_prompts(self, req: GenerationRequest) -> tuple[Tensor, Tensor]:
@@ -97,12 +109,8 @@ class WanPipeline:
         return self.dit(x, t, context)
 
     def predict_velocity(self, x: Tensor, t: Tensor, ctx_c: Tensor, ctx_u: Tensor, guide: float) -> Tensor:
-        """Classifier-free guidance: v_u + g·(v_c − v_u), two forwards (one when g == 1)."""
-        v_c = self.model_forward(x, t, ctx_c, "cond")
-        if guide == 1.0:
-            return v_c
-        v_u = self.model_forward(x, t, ctx_u, "uncond")
-        return v_u + guide * (v_c - v_u)
+        """Guided velocity through the current guidance strategy (sequential here, CFG-parallel from parallel/)."""
+        return self.guidance(self, x, t, ctx_c, ctx_u, guide)
 
     def denoise(self, req: GenerationRequest, ctx_c: Tensor, ctx_u: Tensor, on_step: StepCallback | None = None) -> Tensor:
         """Run the sampler from seeded noise to the final latents (B, C, F', H/8, W/8) fp32."""

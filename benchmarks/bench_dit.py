@@ -1,0 +1,178 @@
+"""One DiT forward, ours vs diffusers' WanTransformer3DModel with the SAME weights, in one process.
+
+Random bf16 weights are made on the GPU in our model; diffusers' model is built on the meta device and
+given the very same tensors (its converter renames, `assign=True` aliases them), so both fit in memory.
+Times are CUDA-event medians after warm-up; TFLOP/s use the model-FLOPs formula below.
+
+    python benchmarks/bench_dit.py --models 14B --sizes 832*480 --frames 81 --runs 5 [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import DIT_CONFIGS, DiTConfig, token_count  # noqa: E402
+from engine.loading import build_dit  # noqa: E402
+
+
+def model_flops(cfg: DiTConfig, tokens: int, text_len: int = 512) -> float:
+    """Matmul FLOPs of one forward (2 per multiply-add): per layer
+    self-attn projections 4·2·L·d², attention 2·2·L²·d, cross-attn q/o 2·2·L·d², k/v 2·2·Lc·d²,
+    cross attention 2·2·L·Lc·d, FFN 2·2·L·d·ffn; plus the text embedding and head (small)."""
+    d, f, L, Lc = cfg.dim, cfg.ffn_dim, tokens, text_len
+    per_layer = 8 * L * d * d + 4 * L * L * d + 4 * L * d * d + 4 * Lc * d * d + 4 * L * Lc * d + 4 * L * d * f
+    return cfg.num_layers * per_layer + 2 * Lc * (cfg.text_dim * d + d * d) + 2 * L * d * 64
+
+
+def matmul_peak(n: int = 8192, runs: int = 10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_cuda(lambda: a @ b, runs, warmup=3)
+    return 2 * n**3 / (ms / 1e3) / 1e12
+
+
+def time_cuda(fn, runs: int, warmup: int = 1) -> float:
+    """Median milliseconds over `runs` after `warmup` calls, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def random_model(cfg: DiTConfig, seed: int = 0):
+    """Our DiT with random bf16 weights made directly on the GPU."""
+    m = build_dit(cfg).to_empty(device="cuda")
+    g = torch.Generator("cuda").manual_seed(seed)
+    for name, p in m.named_parameters():
+        fan = math.prod(p.shape[1:]) if p.dim() >= 2 and "modulation" not in name else 1
+        scale = 0.1 if fan == 1 else 1 / math.sqrt(fan)
+        base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+        p.copy_(base + scale * torch.randn(p.shape, generator=g, device="cuda"))
+    return m.to(torch.bfloat16).eval().requires_grad_(False)
+
+
+def diffusers_alias(ours, cfg: DiTConfig):
+    """diffusers' model sharing our weight tensors (no extra memory)."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=cfg.num_heads, attention_head_dim=128, in_channels=16,
+            out_channels=16, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+            num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+        )
+    sd = convert_wan_transformer_to_diffusers(dict(ours.state_dict()))
+    ref.load_state_dict(sd, strict=True, assign=True)
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    ref.rope = WanRotaryPosEmbed(128, (1, 2, 2), 1024).to("cuda")  # its tables are buffers: rebuild off meta
+    leftover = [n for n, b in ref.named_buffers() if b.is_meta] + [n for n, p in ref.named_parameters() if p.is_meta]
+    if leftover:
+        raise RuntimeError(f"diffusers tensors left on meta: {leftover[:3]}")
+    return ref.to("cuda").eval().requires_grad_(False)
+
+
+def inputs(cfg: DiTConfig, width: int, height: int, frames: int, seed: int = 1):
+    g = torch.Generator("cuda").manual_seed(seed)
+    f = (frames - 1) // 4 + 1
+    x = torch.randn(1, 16, f, height // 8, width // 8, generator=g, device="cuda")
+    t = torch.tensor([700.0], device="cuda")
+    ctx = torch.zeros(1, 512, cfg.text_dim, device="cuda")
+    ctx[:, :120] = torch.randn(1, 120, cfg.text_dim, generator=g, device="cuda")
+    return x, t, ctx
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench_case(model_name: str, size: str, frames: int, runs: int, compile_: bool, with_diffusers: bool, peak_tflops: float):
+    cfg = DIT_CONFIGS[model_name]
+    w, h = (int(v) for v in size.split("*"))
+    ours = random_model(cfg)
+    x, t, ctx = inputs(cfg, w, h, frames)
+    tokens = token_count(w, h, frames)
+    flops = model_flops(cfg, tokens)
+    case = {"model": model_name, "size": size, "frames": frames, "tokens": tokens, "compile": compile_,
+            "model_tflop": round(flops / 1e12, 1)}
+    if compile_:
+        from parallel.speed import apply_compile
+
+        apply_compile(ours, "inductor")
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = ours(x, t, ctx)
+    torch.cuda.synchronize()
+    case["ours_first_call_s"] = round(time.perf_counter() - t0, 1)
+    ms = time_cuda(lambda: ours(x, t, ctx), runs)
+    case.update(ours_ms=round(ms, 1), ours_tflops=round(flops / ms / 1e9, 1), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                ours_pct_of_matmul_peak=round(100 * flops / ms / 1e9 / peak_tflops, 1))
+    if with_diffusers:
+        ref = diffusers_alias(ours, cfg)
+        if compile_:
+            ref.compile_repeated_blocks(fullgraph=True)
+        torch.cuda.reset_peak_memory_stats()
+        xb, cb = x.to(torch.bfloat16), ctx.to(torch.bfloat16)  # diffusers runs in the weights' dtype
+        out_ref = ref(xb, t, cb, return_dict=False)[0]
+        dms = time_cuda(lambda: ref(xb, t, cb, return_dict=False)[0], runs)
+        case.update(diffusers_ms=round(dms, 1), diffusers_tflops=round(flops / dms / 1e9, 1),
+                    diffusers_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                    ratio_diffusers_over_ours=round(dms / ms, 3), rel_err_vs_diffusers=rel(out, out_ref))
+        del ref, out_ref
+    del ours, out
+    torch.cuda.empty_cache()
+    return case
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="14B")
+    ap.add_argument("--sizes", default="832*480")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gpu = torch.cuda.get_device_name()
+    peak = matmul_peak()
+    print(f"GPU {gpu}, torch {torch.__version__}, bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
+    cases = []
+    for m in a.models.split(","):
+        for s in a.sizes.split(","):
+            for comp in ([False, True] if a.compile else [False]):
+                c = bench_case(m, s, a.frames, a.runs, comp, not a.no_diffusers, peak)
+                print(json.dumps(c), flush=True)
+                cases.append(c)
+    res = {"gpu": gpu, "torch": torch.__version__, "matmul_tflops": round(peak, 1), "cases": cases}
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    print(f"{'model':6} {'size':9} {'cmp':4} {'ours ms':>9} {'diff ms':>9} {'ratio':>6} {'TFLOP/s':>8} {'peak GiB':>8} {'rel err':>9}")
+    for c in cases:
+        print(f"{c['model']:6} {c['size']:9} {str(c['compile'])[0]:4} {c['ours_ms']:9.1f} {c.get('diffusers_ms', 0):9.1f} "
+              f"{c.get('ratio_diffusers_over_ours', 0):6.3f} {c['ours_tflops']:8.1f} {c['peak_gib']:8.2f} {c.get('rel_err_vs_diffusers', 0):9.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Build the single-process pipeline from a RunConfig: find files (or the tiny model), load, place."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.cli import RunConfig
+from engine.config import DIT_CONFIGS, SAMPLE_DEFAULTS, SUPPORTED_SIZES, TINY_SIZES
+from engine.loading import load_text_encoder, load_vae, open_dit
+from engine.model_files import ModelFiles, find_model_files
+from engine.pipeline import WanPipeline
+from engine.request import RequestLimits
+from engine.tiny import RANDOM_WEIGHTS_NOTICE, default_tiny_dir, ensure_tiny_model
+
+log = logging.getLogger("wan.factory")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto → bf16 on CUDA, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def resolve_files(cfg: RunConfig) -> ModelFiles:
+    """The user's model files, or the embedded tiny model when nothing is there and nothing was named."""
+    files = find_model_files(cfg.model_dir, cfg.ckpt_dir, cfg.dit, cfg.t5, cfg.vae, cfg.tokenizer, cfg.task)
+    if files is not None:
+        return files
+    root = ensure_tiny_model(default_tiny_dir(cfg.model_dir))
+    log.warning(RANDOM_WEIGHTS_NOTICE)
+    files = find_model_files(root)
+    files.random_weights = True
+    return files
+
+
+@dataclass
+class ModelInfo:
+    """What the rest of the app needs to know about the loaded model."""
+
+    key: str  # "14B", "1.3B", "tiny" or "custom"
+    files: ModelFiles
+    num_heads: int
+    num_layers: int
+    dtype: torch.dtype
+    limits: RequestLimits
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.files.random_weights
+
+
+def model_info(files: ModelFiles, cfg: RunConfig, dtype: torch.dtype, count_tokens=None) -> ModelInfo:
+    """Model key, sizes and defaults from the DiT's shapes (no weights read)."""
+    _, dcfg = open_dit(files.dit)
+    key = "tiny" if files.random_weights else dcfg.name
+    if cfg.task:
+        want = DIT_CONFIGS[cfg.task.split("-")[1]]
+        if (want.dim, want.num_layers) != (dcfg.dim, dcfg.num_layers):
+            log.warning("--task %s but %s holds a %s model; using the file's shapes", cfg.task, files.dit, dcfg.name)
+    if key in SUPPORTED_SIZES:
+        limits = RequestLimits(model=key, sizes=SUPPORTED_SIZES[key], count_tokens=count_tokens)
+    else:
+        limits = RequestLimits(model=key, sizes=TINY_SIZES, any_multiple_of_16=True, count_tokens=count_tokens)
+    base = SAMPLE_DEFAULTS[key]
+    defaults = {
+        "size": cfg.size or limits.sizes[0],
+        "frame_num": cfg.frame_num if cfg.frame_num is not None else base["frame_num"],
+        "sample_steps": cfg.sample_steps if cfg.sample_steps is not None else base["sample_steps"],
+        "sample_shift": cfg.sample_shift if cfg.sample_shift is not None else base["sample_shift"],
+        "sample_guide_scale": cfg.sample_guide_scale if cfg.sample_guide_scale is not None else base["sample_guide_scale"],
+        "sample_solver": cfg.sample_solver,
+        "base_seed": cfg.base_seed,
+        "batch_size": cfg.batch_size,
+        "negative_prompt": cfg.negative_prompt,
+        "teacache": cfg.teacache,
+    }
+    return ModelInfo(key, files, dcfg.num_heads, dcfg.num_layers, dtype, limits, defaults)
+
+
+def load_pipeline(cfg: RunConfig, device: torch.device, dit_loader=None) -> tuple[WanPipeline, ModelInfo]:
+    """Load DiT, text encoder and VAE for a single process (parallel/ passes its own dit_loader)."""
+    from engine.loading import load_dit
+
+    files = resolve_files(cfg)
+    dtype = resolve_dtype(cfg.dtype, device)
+    t5_device = torch.device("cpu") if cfg.t5_cpu else device
+    t5_dtype = torch.float32 if t5_device.type == "cpu" and dtype != torch.float32 else dtype
+    log.info("loading text encoder %s on %s", files.t5, t5_device)
+    text_encoder = load_text_encoder(files.t5, files.tokenizer, t5_device, t5_dtype)
+    info = model_info(files, cfg, dtype, count_tokens=text_encoder.count_tokens)
+    log.info("loading DiT %s (%s, %d layers, %d heads) as %s", files.dit, info.key, info.num_layers, info.num_heads, dtype)
+    dit = (dit_loader or load_dit)(files.dit, device, dtype)
+    vae_dtype = torch.float32 if device.type == "cpu" else dtype
+    log.info("loading VAE %s", files.vae)
+    vae = load_vae(files.vae, device, vae_dtype)
+    pipe = WanPipeline(dit, text_encoder, vae, device, model_name=Path(files.dit).stem, random_weights=files.random_weights)
+    return pipe, info

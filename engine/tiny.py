@@ -1,0 +1,114 @@
+"""The embedded default model: a tiny Wan with RANDOM weights, written to disk in the ComfyUI layout.
+
+It exists so that the app, the tests and the parallel runtime work on any machine before the user has
+downloaded real weights. Its outputs are noise. It is generated deterministically, by whichever process
+gets there first, into a temporary folder that is renamed into place, so concurrent ranks never read a
+half-written file; it is then loaded through the normal loader like a user's files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from engine.config import DIT_CONFIGS
+
+log = logging.getLogger("wan.tiny")
+
+TINY_VERSION = "v1"
+TINY_VAE_DIM = 16
+TINY_T5 = {"vocab_size": 2048, "d_model": 64, "num_layers": 2, "num_heads": 4, "d_kv": 16, "d_ff": 128}
+DIT_FILE = "wan2.1_t2v_tiny_random.safetensors"
+T5_FILE = "umt5_tiny_random.safetensors"
+VAE_FILE = "wan_2.1_vae_tiny_random.safetensors"
+RANDOM_WEIGHTS_NOTICE = (
+    "No Wan2.1 weights were found, so the embedded TINY model with RANDOM weights is loaded: "
+    "it exercises every part of the app, but its videos are noise. Put real weights in models/ "
+    "(see README: Model files) to generate real videos."
+)
+
+
+def random_weights(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic, well-scaled random values for every tensor of a (meta) module's state dict."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in module.state_dict().items():
+        shape = tuple(t.shape)
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name or leaf == "gamma" or name.endswith("layer_norm.weight"):
+            v = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) >= 2 and leaf != "modulation":
+            v = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        else:
+            v = 0.1 * torch.randn(shape, generator=g)
+        out[name] = v.contiguous()
+    return out
+
+
+def _tiny_t5_state_dict() -> dict[str, torch.Tensor]:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(
+        **TINY_T5, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+        relative_attention_max_distance=128, layer_norm_epsilon=1e-6, is_encoder_decoder=False,
+    )
+    with torch.device("meta"):
+        model = UMT5EncoderModel(cfg)
+    sd = random_weights(model, seed=2)
+    sd.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight
+    sd["shared.weight"] = sd["shared.weight"] * 4.0  # T5 embeddings are not scaled down by fan-in
+    return sd
+
+
+def write_tiny_model(root: Path) -> None:
+    """Write the tiny model's files under root in the seed's layout (deterministic)."""
+    from engine.dit import WanDiT
+    from engine.text_encoder import build_tiny_tokenizer
+    from engine.vae import WanVAE
+
+    with torch.device("meta"):
+        dit = WanDiT(DIT_CONFIGS["tiny"])
+        vae = WanVAE(dim=TINY_VAE_DIM, z_dim=16)
+    (root / "diffusion_models").mkdir(parents=True)
+    (root / "text_encoders").mkdir()
+    (root / "vae").mkdir()
+    meta = {"random_weights": "true", "note": "embedded tiny Wan2.1 with random weights; outputs are noise"}
+    save_file(random_weights(dit, seed=1), root / "diffusion_models" / DIT_FILE, metadata=meta)
+    save_file(_tiny_t5_state_dict(), root / "text_encoders" / T5_FILE, metadata=meta)
+    build_tiny_tokenizer(root / "text_encoders" / "tokenizer", vocab_size=TINY_T5["vocab_size"])
+    save_file(random_weights(vae, seed=3), root / "vae" / VAE_FILE, metadata=meta)
+    (root / "README.txt").write_text(RANDOM_WEIGHTS_NOTICE + "\n")
+
+
+def default_tiny_dir(model_dir: str | Path) -> Path:
+    """Where the tiny model lives: $WAN_TINY_DIR, else a hidden folder inside model_dir."""
+    env = os.environ.get("WAN_TINY_DIR")
+    return Path(env) if env else Path(model_dir) / f".tiny-random-{TINY_VERSION}"
+
+
+def ensure_tiny_model(root: str | Path) -> Path:
+    """Generate the tiny model at root unless it is already there; safe when many processes race."""
+    root = Path(root)
+    if (root / "vae" / VAE_FILE).exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        write_tiny_model(tmp)
+        try:
+            os.rename(tmp, root)  # atomic; fails if another process renamed its copy first
+            log.info("wrote the embedded tiny random-weight model to %s", root)
+        except OSError:
+            if not (root / "vae" / VAE_FILE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -1,0 +1,156 @@
+"""Applying parallelism to the single-process engine from outside (torchtitan style).
+
+Order at start-up (`build_parallel_pipeline`): load (FSDP-sharded where asked) → attention kernel →
+[memory modes, compile: parallel/offload.py, parallel/speed.py] . Per request (`apply_layout`): the
+token split, the sequence-parallel attention and the CFG strategy for the request's layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from engine.cli import RunConfig
+from engine.dit import LocalTokens, WanDiT
+from engine.factory import ModelInfo, model_info, resolve_dtype, resolve_files
+from engine.loading import build_dit, load_dit, load_text_encoder, load_vae, open_dit
+from engine.pipeline import SequentialCFG, WanPipeline
+from parallel.kernels import Kernel, get_kernel
+from parallel.layout import LayoutGroups, MeshCache, ParallelLayout, resolve_layout
+from parallel.runtime import Runtime
+from parallel.sequence import SequenceShards
+from parallel.usp import USPAttention
+
+log = logging.getLogger("wan.parallel")
+
+
+class LocalAttention:
+    """A local kernel in the model's (B, L, heads, D) layout."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.kernel.attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+class ParallelCFG:
+    """CFG parallel: one half of the ranks runs the conditional branch, the other the unconditional."""
+
+    def __init__(self, groups: LayoutGroups) -> None:
+        self.groups = groups
+
+    def __call__(self, pipe: WanPipeline, x: Tensor, t: Tensor, ctx_c: Tensor, ctx_u: Tensor, guide: float) -> Tensor:
+        if guide == 1.0:
+            return pipe.model_forward(x, t, ctx_c, "cond")
+        cond = self.groups.cfg_rank == 0
+        v = pipe.model_forward(x, t, ctx_c if cond else ctx_u, "cond" if cond else "uncond")
+        pipe.dit_forwards += 1  # the other half's forward: logical forwards stay 2 per step
+        parts = [torch.empty_like(v) for _ in range(2)]
+        dist.all_gather(parts, v.contiguous(), group=self.groups.cfg_group)  # [cond, uncond] by cfg rank
+        v_c, v_u = parts
+        return v_u + guide * (v_c - v_u)
+
+
+@dataclass
+class ParallelState:
+    """What the serving loop needs besides the pipeline."""
+
+    rt: Runtime
+    info: ModelInfo
+    kernel: Kernel
+    meshes: MeshCache
+    default_layout: ParallelLayout
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
+    use_context_parallel: bool = True
+    startup_log: list[str] = field(default_factory=list)
+
+    def layout_for(self, ulysses: int | None, ring: int | None, cfg: int | None) -> ParallelLayout:
+        """The layout of a request (its sizes, else the start-up defaults), checked."""
+        d = self.default_layout
+        if ulysses is None and ring is None and cfg is None:
+            return d
+        return resolve_layout(
+            self.rt.world_size, self.info.num_heads, ulysses if ulysses is not None else d.ulysses,
+            ring if ring is not None else d.ring, cfg if cfg is not None else d.cfg, self.use_context_parallel,
+            self.rt.local_world_size,
+        )
+
+
+def apply_layout(pipe: WanPipeline, groups: LayoutGroups, kernel: Kernel) -> None:
+    """Point the DiT's token split, attention functions and the CFG strategy at this layout's groups."""
+    dit: WanDiT = pipe.dit
+    local = LocalAttention(kernel)
+    if groups.layout.sp > 1:
+        shards = SequenceShards(groups)
+        dit.tokens = shards
+        self_attn = USPAttention(groups, shards, kernel)
+    else:
+        dit.tokens = LocalTokens()
+        self_attn = local
+    for block in dit.blocks:
+        block.self_attn.attn_fn = self_attn
+        block.cross_attn.attn_fn = local
+    pipe.guidance = ParallelCFG(groups) if groups.layout.cfg > 1 else SequentialCFG()
+
+
+def _load_dit_sharded(path, rt: Runtime, dtype: torch.dtype, mesh) -> WanDiT:
+    from parallel.fsdp import apply_fsdp, load_sharded
+
+    view, cfg = open_dit(path, dtype)
+    model = build_dit(cfg)
+    apply_fsdp(model, model.blocks, mesh)
+    load_sharded(model, view, rt.device, dtype, "Wan2.1 DiT", path)
+    return model.eval().requires_grad_(False)
+
+
+def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, ParallelState]:
+    """Every rank: find files, load the models (sharded where asked), pick the kernel and default layout."""
+    notes: list[str] = []
+    files = resolve_files(cfg)
+    dtype = resolve_dtype(cfg.dtype, rt.device)
+    dit_fsdp = cfg.dit_fsdp or cfg.use_fsdp
+    t5_fsdp = cfg.t5_fsdp or cfg.use_fsdp
+    if (dit_fsdp or t5_fsdp) and not rt.distributed:
+        notes.append("FSDP needs more than one process: running without it")
+        dit_fsdp = t5_fsdp = False
+    if t5_fsdp and cfg.t5_cpu:
+        notes.append("--t5_cpu keeps the text encoder on the CPU: not sharding it")
+        t5_fsdp = False
+    mesh = None
+    if dit_fsdp or t5_fsdp:
+        from parallel.fsdp import flat_mesh
+
+        mesh = flat_mesh(rt.device, rt.world_size)
+    t5_device = torch.device("cpu") if cfg.t5_cpu else rt.device
+    t5_dtype = torch.float32 if t5_device.type == "cpu" and rt.device.type == "cpu" else dtype
+    shard = None
+    if t5_fsdp:
+        from parallel.fsdp import t5_sharder
+
+        shard = t5_sharder(mesh, rt.device, t5_dtype, files.t5)
+    text_encoder = load_text_encoder(files.t5, files.tokenizer, t5_device, t5_dtype, shard=shard)
+    info = model_info(files, cfg, dtype, count_tokens=text_encoder.count_tokens)
+    dit = _load_dit_sharded(files.dit, rt, dtype, mesh) if dit_fsdp else load_dit(files.dit, rt.device, dtype)
+    if dit_fsdp or t5_fsdp:
+        parts = " and ".join(p for p, on in (("DiT", dit_fsdp), ("T5", t5_fsdp)) if on)
+        notes.append(f"Applied FSDP to model ({parts}, {rt.world_size} shards)")
+    vae = load_vae(files.vae, rt.device, torch.float32 if rt.device.type == "cpu" else dtype) if rt.rank == 0 else None
+    kernel = get_kernel(cfg.attention, rt.device)
+    layout = resolve_layout(rt.world_size, info.num_heads, cfg.ulysses_size, cfg.ring_size, cfg.cfg_size,
+                            cfg.use_context_parallel, rt.local_world_size)
+    pipe = WanPipeline(dit, text_encoder, vae, rt.device, model_name=files.name, random_weights=files.random_weights)
+    state = ParallelState(rt, info, kernel, MeshCache(rt.world_size, rt.rank), layout, dit_fsdp, t5_fsdp,
+                          cfg.use_context_parallel, notes)
+    context_parallel = layout.sp > 1
+    notes.append(f"attention kernel: {kernel.name}; default layout: {layout}")
+    notes.append(f"Setup complete: FSDP={str(dit_fsdp or t5_fsdp).lower()}, Context Parallel={str(context_parallel).lower()}")
+    if rt.rank == 0:
+        for line in notes:
+            log.info(line)
+    return pipe, state

@@ -1,0 +1,73 @@
+"""FSDP2 for the DiT and the T5 encoder: `fully_shard` per block, then the root, over one flat mesh.
+
+Weights are loaded straight into the shards: the module is sharded on the meta device, given empty
+local storage, and each rank copies in only its rows of each tensor, read from the mmap'd file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from engine.checkpoint import CheckpointView, WrongModelError
+
+log = logging.getLogger("wan.fsdp")
+
+
+def flat_mesh(device: torch.device, world: int):
+    """A 1-D DeviceMesh over all ranks (a 2-D mesh would make fully_shard do HSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
+
+
+def apply_fsdp(root: nn.Module, blocks: Iterable[nn.Module], mesh) -> nn.Module:
+    """Shard each block, then the root (parameters stay in their dtype; no mixed-precision cast)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(root, mesh=mesh, reshard_after_forward=True)
+    return root
+
+
+@torch.no_grad()
+def load_sharded(module: nn.Module, view: CheckpointView, device: torch.device, dtype: torch.dtype, what: str, path) -> nn.Module:
+    """Fill an FSDP2-sharded meta module: each rank reads only the rows of dim 0 it keeps."""
+    from torch.distributed.tensor import DTensor
+
+    expected = {n: p for n, p in module.named_parameters()}
+    for n, p in expected.items():
+        if n not in view:
+            raise WrongModelError(f"{path} is not a {what} checkpoint: tensor '{n}' is missing")
+        if tuple(view.shape(n)) != tuple(p.shape):
+            raise WrongModelError(
+                f"{path} does not match the {what}: tensor '{n}' has shape {tuple(view.shape(n))} in the file "
+                f"but the model expects {tuple(p.shape)}"
+            )
+    module.to_empty(device=device)
+    for n, p in module.named_parameters():
+        if isinstance(p, DTensor):
+            local = p.to_local()
+            rank, world = p.device_mesh.get_local_rank(), p.device_mesh.size()
+            rows = p.shape[0]
+            chunk = -(-rows // world)
+            start = min(rank * chunk, rows)
+            if local.shape[0]:
+                local.copy_(view.read_rows(n, start, start + local.shape[0]).to(device=device, dtype=local.dtype))
+        else:
+            p.copy_(view[n].to(device=device, dtype=p.dtype))
+    return module
+
+
+def t5_sharder(mesh, device: torch.device, dtype: torch.dtype, path):
+    """A `shard(model, view)` for engine.loading.load_text_encoder: FSDP2 per T5 block, then the root."""
+
+    def shard(model: nn.Module, view: CheckpointView) -> None:
+        apply_fsdp(model, model.encoder.block, mesh)
+        load_sharded(model, view, device, dtype, "umt5 text encoder", path)
+
+    return shard

@@ -1,0 +1,138 @@
+"""Local attention kernels, (B, heads, L, D) layout. Each has a plain form and one that also returns the
+log-sum-exp (fp32, (B, heads, L)) that ring attention needs to merge partial results.
+
+`--attention auto|sdpa|sdpa_cudnn|sdpa_flash|flash_attn_2|flash_attn_3|sage|math`; a backend whose package
+is missing fails with the package to install; `auto` takes the fastest one available on the device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger("wan.kernels")
+
+Attn = Callable[[Tensor, Tensor, Tensor], Tensor]
+AttnLse = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class BackendUnavailable(ValueError):
+    """The requested attention backend cannot run here (the message says what to install)."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    attn: Attn
+    attn_lse: AttnLse
+    exact: bool = True
+
+
+def math_attn_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact attention in fp32 with its log-sum-exp; the CPU kernel and the reference."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq)
+    out = torch.matmul(torch.exp(s - lse[..., None]), v.float())
+    return out.to(q.dtype), lse
+
+
+def sdpa_attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _cudnn_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
+    return out[0], out[1].reshape(q.shape[:3]).float()
+
+
+def _flash_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+    return out[0], out[1].reshape(q.shape[:3]).float()
+
+
+def _sdpa_backend(backend) -> Attn:
+    from torch.nn.attention import sdpa_kernel
+
+    def attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return attn
+
+
+def _flash_attn(version: int) -> Kernel:
+    if version == 3:
+        mod = "flash_attn_interface"
+        if importlib.util.find_spec(mod) is None:
+            raise BackendUnavailable("attention flash_attn_3 needs the flash-attn 3 package (flash_attn_interface): "
+                                     "build it from https://github.com/Dao-AILab/flash-attention (hopper/), or use --attention auto")
+        from flash_attn_interface import flash_attn_func
+    else:
+        if importlib.util.find_spec("flash_attn") is None:
+            raise BackendUnavailable("attention flash_attn_2 needs the flash-attn package: pip install flash-attn "
+                                     "--no-build-isolation, or use --attention auto")
+        from flash_attn import flash_attn_func
+
+    def attn_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        res = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_attn_probs=True)
+        out, lse = res[0], res[1]
+        return out.transpose(1, 2), lse.float()
+
+    return Kernel(f"flash_attn_{version}", lambda q, k, v: attn_lse(q, k, v)[0], attn_lse)
+
+
+def _sage() -> Kernel:
+    if importlib.util.find_spec("sageattention") is None:
+        raise BackendUnavailable("attention sage needs the sageattention package: pip install sageattention, or use --attention auto")
+    from sageattention import sageattn
+
+    def attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+
+    def attn_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        out, lse = sageattn(q, k, v, tensor_layout="HND", is_causal=False, return_lse=True)
+        return out, lse.float()
+
+    return Kernel("sage", attn, attn_lse, exact=False)
+
+
+def get_kernel(name: str, device: torch.device) -> Kernel:
+    """The local kernel for --attention NAME on this device."""
+    if device.type != "cuda":
+        if name not in ("auto", "sdpa", "math"):
+            raise BackendUnavailable(f"attention {name} needs a CUDA GPU; on CPU use auto, sdpa or math")
+        return Kernel("sdpa" if name != "math" else "math", sdpa_attn if name != "math" else (lambda q, k, v: math_attn_lse(q, k, v)[0]), math_attn_lse)
+    from torch.nn.attention import SDPBackend
+
+    if name == "auto":
+        name = "sdpa_cudnn" if _cudnn_ok(device) else "sdpa_flash"
+    if name == "sdpa_cudnn":
+        return Kernel(name, _sdpa_backend(SDPBackend.CUDNN_ATTENTION), _cudnn_lse)
+    if name == "sdpa_flash":
+        return Kernel(name, _sdpa_backend(SDPBackend.FLASH_ATTENTION), _flash_lse)
+    if name == "sdpa":
+        return Kernel(name, sdpa_attn, _cudnn_lse if _cudnn_ok(device) else _flash_lse)
+    if name == "math":
+        return Kernel(name, lambda q, k, v: math_attn_lse(q, k, v)[0], math_attn_lse)
+    if name in ("flash_attn_2", "flash_attn_3"):
+        return _flash_attn(int(name[-1]))
+    if name == "sage":
+        return _sage()
+    raise BackendUnavailable(f"attention must be one of auto, sdpa, sdpa_cudnn, sdpa_flash, flash_attn_2, flash_attn_3, sage, math; got {name!r}")
+
+
+def _cudnn_ok(device: torch.device) -> bool:
+    """cuDNN attention runs (and is the fastest measured) on Hopper and newer."""
+    try:
+        major, _ = torch.cuda.get_device_capability(device)
+        return major >= 9 and torch.backends.cudnn.is_available()
+    except Exception:  # noqa: BLE001
+        return False

@@ -1,0 +1,88 @@
+"""Rank 0 after a request: decode, write the mp4(s), the JSON sidecar(s) and the optional latents file."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from engine.config import FPS
+from engine.pipeline import GenerationResult
+from engine.video import resolve_save_path, video_to_uint8, write_mp4, write_sidecar
+
+log = logging.getLogger("wan.outputs")
+
+
+def _batch_path(save_file: str | None, i: int, n: int) -> str | None:
+    if save_file is None or n == 1:
+        return save_file
+    p = Path(save_file)
+    return str(p.with_name(f"{p.stem}_{i}{p.suffix or '.mp4'}"))
+
+
+def sidecar_meta(server, result: GenerationResult, index: int) -> dict:
+    """The settings, timings and memory of one generated video."""
+    req, st, rt = result.request, server.state, server.rt
+    mem = server.last_memory
+    return {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt,
+        "seed": req.base_seed + index,
+        "size": req.size,
+        "frame_num": req.frame_num,
+        "steps": req.sample_steps,
+        "guidance": req.sample_guide_scale,
+        "shift": req.sample_shift,
+        "solver": req.sample_solver,
+        "batch_size": req.batch_size,
+        "batch_index": index,
+        "fps": FPS,
+        "model": server.pipe.model_name,
+        "model_size": st.info.key,
+        "random_weights": bool(server.pipe.random_weights),
+        "dit_forwards": int(result.dit_forwards),
+        "teacache": req.teacache,
+        "skipped_steps": result.info.get("skipped_steps", []),
+        "layout": {"world_size": rt.world_size, "cfg_size": req.cfg_size, "ring_size": req.ring_size,
+                   "ulysses_size": req.ulysses_size},
+        "fsdp": {"dit": st.dit_fsdp, "t5": st.t5_fsdp},
+        "attention": st.kernel.name,
+        "dtype": str(st.info.dtype).replace("torch.", ""),
+        "timings": result.timings,
+        "peak_memory_gib": max((m["peak_gib"] for m in mem), default=result.peak_memory_gib),
+        "memory_per_rank": mem,
+        "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_outputs(server, result: GenerationResult, save_file: str | None, save_latents: str | None):
+    """Decode on rank 0 and write every file; returns the Dispatcher's Output."""
+    from parallel.serve import Output
+
+    req = result.request
+    out = Output(req, memory=server.last_memory)
+    if save_latents:
+        p = Path(save_latents)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": result.latents.contiguous()}, str(p))
+        out.latents_path = p
+    t0 = time.perf_counter()
+    video = server.pipe.decode(result.latents.to(server.rt.device), tiled=server.cfg.vae_tiling)
+    result.timings["vae_decode_s"] = round(time.perf_counter() - t0, 4)
+    result.timings["total_s"] = round(result.timings.get("total_s", 0.0) + result.timings["vae_decode_s"], 4)
+    outputs_dir = Path(server.cfg.outputs_dir)
+    for i in range(req.batch_size):
+        path = resolve_save_path(_batch_path(save_file, i, req.batch_size), outputs_dir, req.base_seed + i)
+        t1 = time.perf_counter()
+        write_mp4(video_to_uint8(video[i]), path, fps=FPS)
+        result.timings["write_mp4_s"] = round(time.perf_counter() - t1, 4)
+        meta = sidecar_meta(server, result, i)
+        out.sidecars.append(write_sidecar(path, meta))
+        out.videos.append(path)
+        out.meta = meta
+        log.info("wrote %s (seed %d)", path, req.base_seed + i)
+    return out

@@ -1,0 +1,129 @@
+"""Process groups: the compute group (NCCL on CUDA, gloo on CPU) and a gloo control group with a long
+timeout for requests, status and cancel, so idle workers wait for days without tripping a watchdog."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("wan.runtime")
+
+CONTROL_TIMEOUT = timedelta(days=30)
+
+
+class LaunchError(RuntimeError):
+    """The process was started in a way that cannot work (explained in the message)."""
+
+
+@dataclass
+class Runtime:
+    """This process's place in the gang."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    control: Any = None  # gloo group for control messages (None when world_size == 1)
+    compute: Any = None  # the compute group (the default group), None when world_size == 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def nnodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+    # -- control plane ----------------------------------------------------------------------------------
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Rank 0's object on every rank, over the control group."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's object, in rank order, over the control group."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def any_flag(self, code: int) -> int:
+        """Max of a small integer over all ranks (control group): a cheap per-step status check."""
+        if not self.distributed:
+            return code
+        t = torch.tensor([code], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.control)
+
+
+def _launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def init_runtime(dist_timeout: float = 600.0, device: str | None = None) -> Runtime:
+    """Join the gang started by torchrun (or run alone) and create both process groups."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not _launched_by_torchrun():
+        raise LaunchError(
+            f"WORLD_SIZE={world} is set but this process was not started by torchrun, so the other "
+            f"{world - 1} ranks would never join and this process would wait forever. Start every rank with "
+            f"`./launch.sh --nproc {world} ...` (it runs `torchrun --nproc_per_node={world} app.py ...`), "
+            "or unset WORLD_SIZE/RANK to run on one process."
+        )
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if device:
+        dev = torch.device(device)
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    rt = Runtime(rank, world, local_rank, local_world, dev)
+    if world == 1:
+        return rt
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=dist_timeout), **kwargs)
+    rt.compute = dist.group.WORLD
+    rt.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    if rank == 0:
+        log.info("Initialized distributed environment with %d processes", world)
+    return rt
+
+
+def shutdown_runtime(rt: Runtime) -> None:
+    """Tear the process groups down (safe to call twice)."""
+    if rt.distributed and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.debug("destroy_process_group: %s", exc)
+
+
+def picklable(exc: BaseException) -> str:
+    """A one-line, always-picklable description of an exception."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        pickle.dumps(text)
+    except Exception:  # noqa: BLE001
+        text = type(exc).__name__
+    return text[:2000]

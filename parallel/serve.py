@@ -1,0 +1,232 @@
+"""The serving loop: a Dispatcher on rank 0, `worker_loop` on ranks ≥ 1, all running requests in lockstep.
+
+Rank 0 validates a request and resolves its seed, then broadcasts it on the control group; every rank
+runs the pipeline. At every denoising step the ranks agree on a status (ok / cancel / error) over the
+control group, so a cancel or an exception on any rank makes every rank leave at the same step.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.cli import RunConfig
+from engine.pipeline import Cancelled, GenerationResult
+from engine.request import GenerationRequest, RequestError, validate_request
+from parallel.apply import ParallelState, apply_layout, build_parallel_pipeline
+from parallel.layout import LayoutError
+from parallel.runtime import LaunchError, Runtime, init_runtime, picklable, shutdown_runtime
+
+log = logging.getLogger("wan.serve")
+
+OK, CANCEL, ERROR = 0, 1, 2
+Progress = Callable[[int, int, float], None]  # (steps done, total, seconds since the loop started)
+
+
+class RankFailed(RuntimeError):
+    """A request failed on some rank; every rank left it at the same step."""
+
+    def __init__(self, rank: int, step: int, message: str) -> None:
+        super().__init__(f"rank {rank} failed at step {step}: {message}")
+        self.rank, self.step, self.error = rank, step, message
+
+
+class StepAgreement:
+    """The per-step status check: each rank says ok / cancel / error; all raise the same outcome."""
+
+    def __init__(self, rt: Runtime, cancel: threading.Event | None, progress: Progress | None, fault: dict | None) -> None:
+        self.rt, self.cancel, self.progress, self.fault = rt, cancel, progress, fault or {}
+        self.step = -1
+        self.t0 = time.perf_counter()
+
+    def __call__(self, step: int, total: int) -> None:
+        self.step = step
+        if self.fault.get("rank") == self.rt.rank and self.fault.get("step") == step:
+            raise RuntimeError(self.fault.get("message", f"injected fault on rank {self.rt.rank} at step {step}"))
+        code = CANCEL if self.cancel is not None and self.cancel.is_set() else OK
+        self.agree(code, "cancelled")
+        if self.progress is not None and step > 0:
+            self.progress(step, total, time.perf_counter() - self.t0)
+
+    def agree(self, code: int, message: str) -> None:
+        """One round of agreement; raises Cancelled or RankFailed on every rank when any rank is not ok."""
+        if self.rt.any_flag(code) == OK:
+            return
+        states = self.rt.all_gather_object((code, message, self.step))
+        errors = [(r, m, s) for r, (c, m, s) in enumerate(states) if c == ERROR]
+        if errors:
+            timeouts = ("Timeout", "timed out", "Connection closed", "Connection reset")
+            first = next((e for e in errors if not any(t in e[1] for t in timeouts)), errors[0])
+            raise RankFailed(first[0], max(0, first[2]), first[1])
+        raise Cancelled(f"cancelled at step {max(0, self.step)}")
+
+    def fail(self, exc: BaseException) -> None:
+        """Report a local exception into the agreement (always raises)."""
+        self.agree(ERROR, picklable(exc))
+        raise AssertionError("unreachable: agreement with an error always raises")
+
+
+@dataclass
+class Output:
+    """What rank 0 hands back for one request."""
+
+    request: GenerationRequest
+    videos: list[Path] = field(default_factory=list)
+    sidecars: list[Path] = field(default_factory=list)
+    latents_path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+
+
+def memory_report(rt: Runtime) -> dict[str, Any]:
+    """This rank's device and memory (in use now, peak of the last request)."""
+    from engine.pipeline import peak_memory_gib
+
+    d = rt.device
+    if d.type == "cuda":
+        name = torch.cuda.get_device_name(d)
+        used = torch.cuda.memory_allocated(d) / 2**30
+        total = torch.cuda.get_device_properties(d).total_memory / 2**30
+    else:
+        name, used, total = "cpu", 0.0, 0.0
+    return {"rank": rt.rank, "device": f"{d} ({name})", "in_use_gib": round(used, 3),
+            "peak_gib": round(peak_memory_gib(d), 3), "total_gib": round(total, 1)}
+
+
+class Server:
+    """One per rank: the pipeline, the parallel state, and the loop that runs requests in lockstep."""
+
+    def __init__(self, cfg: RunConfig, rt: Runtime, pipe, state: ParallelState) -> None:
+        self.cfg, self.rt, self.pipe, self.state = cfg, rt, pipe, state
+        self.last_memory: list[dict[str, Any]] = []
+        self.dispatcher = Dispatcher(self) if rt.rank == 0 else None
+        self._closed = False
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rt.rank == 0
+
+    # -- every rank ---------------------------------------------------------------------------------------
+    def execute(self, req: GenerationRequest, opts: dict, cancel=None, progress=None) -> GenerationResult:
+        """Run one request on this rank in lockstep with the others (decode excluded)."""
+        layout = self.state.layout_for(req.ulysses_size, req.ring_size, req.cfg_size)
+        apply_layout(self.pipe, self.state.meshes.get(layout), self.state.kernel)
+        hook = StepAgreement(self.rt, cancel, progress, opts.get("fault"))
+        if self.rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.rt.device)
+        try:
+            try:
+                return self.pipe.generate(req, on_step=hook, decode=False)
+            except (Cancelled, RankFailed):
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised as RankFailed
+                log.error("rank %d: %s at step %d", self.rt.rank, picklable(exc), hook.step)
+                hook.fail(exc)
+                raise
+        finally:
+            gc.collect()
+            if self.rt.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.last_memory = self.rt.all_gather_object(memory_report(self.rt))
+
+    def worker_loop(self) -> None:
+        """Ranks ≥ 1: wait on the control group for rank 0's messages, forever (until shutdown)."""
+        while True:
+            msg = self.rt.broadcast_object(None)
+            op = msg.get("op")
+            if op == "shutdown":
+                log.info("rank %d: shutdown", self.rt.rank)
+                return
+            if op == "generate":
+                req = GenerationRequest(**msg["request"])
+                try:
+                    self.execute(req, msg.get("options", {}))
+                except (Cancelled, RankFailed) as exc:
+                    log.info("rank %d: request ended: %s", self.rt.rank, exc)
+            elif op == "probe":
+                self.rt.all_gather_object({"rank": self.rt.rank, "ok": True, "t": time.time()})
+
+    def shutdown(self) -> None:
+        """Rank 0 tells the workers to exit; every rank tears its groups down."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.is_rank0 and self.rt.distributed:
+            try:
+                self.rt.broadcast_object({"op": "shutdown"})
+            except Exception as exc:  # noqa: BLE001 - peers may already be gone
+                log.warning("could not tell the workers to stop: %s", exc)
+        shutdown_runtime(self.rt)
+
+
+class Dispatcher:
+    """Rank 0's entry point: submit(raw request) → validated, broadcast, run everywhere, written to disk."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._lock = threading.Lock()
+        self.cancel_event = threading.Event()
+        self.busy = False
+
+    @property
+    def info(self):
+        return self.server.state.info
+
+    def validate(self, raw: dict) -> GenerationRequest:
+        """A checked request (RequestError naming the field otherwise); seed still as given."""
+        req = validate_request(raw, self.info.limits, self.info.defaults)
+        try:
+            self.server.state.layout_for(raw.get("ulysses_size"), raw.get("ring_size"), raw.get("cfg_size"))
+        except LayoutError as exc:
+            raise RequestError("layout", str(exc)) from None
+        return req
+
+    def cancel(self) -> None:
+        """Stop the running request at the next step boundary on every rank."""
+        if self.busy:
+            self.cancel_event.set()
+
+    def submit(self, raw: dict, save_file: str | None = None, save_latents: str | None = None,
+               progress: Progress | None = None, fault: dict | None = None) -> Output:
+        """Run one request (serialised with any other submission) and write its files."""
+        from parallel.outputs import write_outputs
+
+        req = self.validate(raw).with_seed()
+        layout = self.server.state.layout_for(raw.get("ulysses_size"), raw.get("ring_size"), raw.get("cfg_size"))
+        req = GenerationRequest(**{**req.to_dict(), "ulysses_size": layout.ulysses, "ring_size": layout.ring,
+                                   "cfg_size": layout.cfg})
+        opts = {"fault": fault} if fault else {}
+        with self._lock:
+            self.busy = True
+            self.cancel_event.clear()
+            try:
+                self.server.rt.broadcast_object({"op": "generate", "request": req.to_dict(), "options": opts})
+                result = self.server.execute(req, opts, self.cancel_event, progress)
+                return write_outputs(self.server, result, save_file, save_latents)
+            finally:
+                self.busy = False
+                self.cancel_event.clear()
+
+
+def start_server(cfg: RunConfig) -> Server:
+    """Join the gang, load every model, and return this rank's Server."""
+    from app import setup_logging
+
+    rt = init_runtime(cfg.dist_timeout)
+    setup_logging(cfg.log_level, rt.rank)
+    if cfg.world_size is not None and cfg.world_size != rt.world_size:
+        raise LaunchError(
+            f"the preset/config asks for world_size {cfg.world_size} but {rt.world_size} process(es) are running: "
+            f"start with ./launch.sh --nproc {cfg.world_size}, or change world_size to {rt.world_size}"
+        )
+    pipe, state = build_parallel_pipeline(cfg, rt)
+    rt.barrier()
+    return Server(cfg, rt, pipe, state)

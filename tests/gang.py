@@ -1,0 +1,50 @@
+"""Driver for multi-rank tests, run under torchrun: start the real server, submit a list of requests from
+rank 0 (each with its own layout, latents path, fault injection), write what happened to a JSON file.
+
+    python -m torch.distributed.run --standalone --nproc_per_node N tests/gang.py SPEC.json
+SPEC: {"argv": [app flags...], "requests": [{"raw": {...}, "save_latents": path, "fault": {...}}],
+       "result": path, "idle_s": seconds to sleep before request i (optional list)}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(spec_path: str) -> int:
+    from app import load_config
+    from parallel.serve import start_server
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = load_config(spec["argv"])
+    server = start_server(cfg)
+    if not server.is_rank0:
+        server.worker_loop()
+        server.shutdown()
+        return 0
+    results = []
+    try:
+        for i, item in enumerate(spec["requests"]):
+            time.sleep(item.get("sleep_s", 0))
+            t0 = time.perf_counter()
+            try:
+                out = server.dispatcher.submit(item["raw"], save_file=item.get("save_file"),
+                                               save_latents=item.get("save_latents"), fault=item.get("fault"))
+                results.append({"ok": True, "videos": [str(p) for p in out.videos], "meta": out.meta,
+                                "memory": out.memory, "seconds": time.perf_counter() - t0})
+            except Exception as exc:  # noqa: BLE001 - recorded for the test to check
+                results.append({"ok": False, "error": str(exc), "type": type(exc).__name__, "index": i,
+                                "memory": server.last_memory})
+    finally:
+        Path(spec["result"]).write_text(json.dumps(results, indent=1, default=str))
+        server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,51 @@
+"""Helpers to run the real server as a CPU/gloo gang of separate processes (torchrun) from pytest."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gang_env(tiny_dir: Path | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    if tiny_dir is not None:
+        env["WAN_TINY_DIR"] = str(tiny_dir)
+    return env
+
+
+def run_gang(nproc: int, argv: list[str], requests: list[dict], workdir: Path, tiny_dir: Path,
+             timeout: float = 600) -> tuple[list[dict], str]:
+    """Start `nproc` ranks with torchrun, submit `requests` from rank 0; returns (results, log)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = {"argv": argv + ["--outputs_dir", str(workdir / "outputs")], "requests": requests,
+            "result": str(workdir / "result.json")}
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--max_restarts=0",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", str(ROOT / "tests" / "gang.py"),
+           str(workdir / "spec.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=gang_env(tiny_dir), capture_output=True, text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    (workdir / "gang.log").write_text(log)
+    if proc.returncode != 0 or not (workdir / "result.json").exists():
+        raise AssertionError(f"gang of {nproc} exited with {proc.returncode}:\n{log[-6000:]}")
+    return json.loads((workdir / "result.json").read_text()), log
+
+
+def latents(path: str | Path) -> torch.Tensor:
+    return load_file(str(path))["latents"]
