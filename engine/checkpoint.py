@@ -209,11 +209,13 @@ def load_into(
     what: str,
     path: Path | str,
     skip: tuple[str, ...] = (),
+    place: Callable[[str], torch.device | str] | None = None,
 ) -> nn.Module:
     """Fill a meta-device module tensor by tensor: read, upcast/convert, move, assign.
 
     Names and shapes are checked first, so a file of another model fails before any data is read.
-    `skip` names tied aliases that the file does not hold (they are re-tied by the caller).
+    `skip` names tied aliases that the file does not hold (they are re-tied by the caller);
+    `place(name)` may put some tensors elsewhere than `device` (host memory for offloaded weights).
     """
     expected = {n: t for n, t in module.state_dict().items() if n not in skip}
     for n, t in expected.items():
@@ -230,7 +232,7 @@ def load_into(
     extra = [n for n in view if n not in expected]
     if extra:
         raise WrongModelError(f"{path} is not a {what} checkpoint: unexpected tensor '{extra[0]}' (and {len(extra) - 1} more)")
-    new_sd = {n: view[n].to(device=device, dtype=dtype) for n in expected}
+    new_sd = {n: view[n].to(device=place(n) if place else device, dtype=dtype) for n in expected}
     result = module.load_state_dict(new_sd, strict=False, assign=True)
     if result.unexpected_keys or set(result.missing_keys) - set(skip):
         raise WrongModelError(f"{path}: could not load {what}: {result}")

@@ -105,12 +105,20 @@ def build_dit(cfg: DiTConfig) -> WanDiT:
 
 
 def load_dit(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, expect: DiTConfig | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    expect: DiTConfig | None = None,
+    host_names: set[str] | None = None,
 ) -> WanDiT:
-    """Load a Wan2.1 T2V DiT from any supported layout: `model(x, t, context) -> velocity`."""
+    """Load a Wan2.1 T2V DiT from any supported layout: `model(x, t, context) -> velocity`.
+
+    Tensors named in `host_names` (offloaded weights) are loaded to host memory instead of `device`.
+    """
     view, cfg = open_dit(path, dtype)
     model = build_dit(expect or cfg)
-    load_into(model, view, device, dtype, f"Wan2.1 DiT ({(expect or cfg).name})", path)
+    place = (lambda n: "cpu" if n in host_names else device) if host_names else None
+    load_into(model, view, device, dtype, f"Wan2.1 DiT ({(expect or cfg).name})", path, place=place)
     return model.eval().requires_grad_(False)
 
 

@@ -39,9 +39,7 @@ def _candidates(folder: Path) -> list[Path]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_file() and p.suffix in WEIGHT_SUFFIXES:
-            out.append(p)
-        elif p.is_dir() and any(q.suffix in WEIGHT_SUFFIXES for q in p.iterdir()):
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES or p.is_dir() and any(q.suffix in WEIGHT_SUFFIXES for q in p.iterdir()):
             out.append(p)
     return out
 

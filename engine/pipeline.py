@@ -15,6 +15,7 @@ from torch import Tensor
 from engine.config import latent_shape
 from engine.request import GenerationRequest
 from engine.scheduler import make_scheduler
+from engine.teacache import TeaCache, coefficients_for
 
 log = logging.getLogger("wan.pipeline")
 
@@ -85,11 +86,23 @@ class WanPipeline:
         self.random_weights = random_weights
         self.dit_forwards = 0
         self.guidance: Callable[..., Tensor] = SequentialCFG()
+        self.model_key = "custom"
+        self.offload_t5 = False  # --offload_model: the text encoder leaves the GPU after encoding
+        self.teacache_device = "gpu"
+        self.teacache_agree: Callable[[str, bool], bool] | None = None  # set by parallel/ (rank agreement)
+        self.step = 0
+        self.cache: TeaCache | None = None
 
     # -- stages ---------------------------------------------------------------------------------------
     def encode_prompts(self, req: GenerationRequest) -> tuple[Tensor, Tensor]:
         """(B, L, text_dim) contexts for the prompt and the negative prompt, on the DiT's device."""
-        embs = self.text_encoder.encode([req.prompt, req.negative_prompt])
+        if self.offload_t5:
+            self.text_encoder.to(self.device)
+        try:
+            embs = self.text_encoder.encode([req.prompt, req.negative_prompt])
+        finally:
+            if self.offload_t5:
+                self.text_encoder.to("cpu")
         ctx = [e.to(self.device) for e in embs]
         b = req.batch_size
         return pad_contexts([ctx[0]] * b, torch.float32), pad_contexts([ctx[1]] * b, torch.float32)
@@ -106,6 +119,8 @@ class WanPipeline:
     def model_forward(self, x: Tensor, t: Tensor, context: Tensor, branch: str) -> Tensor:
         """One logical DiT forward (branch is 'cond' or 'uncond'; the step cache keys its state on it)."""
         self.dit_forwards += 1
+        if self.cache is not None:
+            self.cache.set_position(self.step, branch)
         return self.dit(x, t, context)
 
     def predict_velocity(self, x: Tensor, t: Tensor, ctx_c: Tensor, ctx_u: Tensor, guide: float) -> Tensor:
@@ -117,6 +132,7 @@ class WanPipeline:
         sched = make_scheduler(req.sample_solver, req.sample_steps, req.sample_shift)
         x = self.initial_noise(req)
         for i, t in enumerate(sched.timesteps.tolist()):
+            self.step = i
             if on_step is not None:
                 on_step(i, req.sample_steps)
             tt = torch.full((x.shape[0],), float(t), device=self.device)
@@ -142,6 +158,7 @@ class WanPipeline:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.dit_forwards = 0
+        self._setup_cache(req)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         ctx_c, ctx_u = self.encode_prompts(req)
@@ -150,7 +167,11 @@ class WanPipeline:
         latents = self.denoise(req, ctx_c, ctx_u, on_step)
         timings["denoise_s"] = self._since(t1)
         timings["per_step_s"] = timings["denoise_s"] / max(req.sample_steps, 1)
-        result = GenerationResult(req, latents.float().cpu(), dit_forwards=self.dit_forwards)
+        skipped = sorted(self.cache.skipped) if self.cache is not None else []
+        result = GenerationResult(req, latents.float().cpu(), dit_forwards=self.dit_forwards - len(skipped))
+        result.info["skipped_steps"] = [list(s) for s in skipped]
+        if self.cache is not None:
+            self.cache._state.clear()  # free the cached residuals
         if decode:
             t2 = time.perf_counter()
             result.video = self.decode(latents, tiled=tiled)
@@ -159,6 +180,19 @@ class WanPipeline:
         result.timings = timings
         result.peak_memory_gib = peak_memory_gib(self.device)
         return result
+
+    def _setup_cache(self, req: GenerationRequest) -> None:
+        """Install TeaCache around the block runner for this request (or take it out)."""
+        runner = self.dit.block_runner
+        base = runner.inner if isinstance(runner, TeaCache) else runner
+        if req.teacache > 0:
+            self.cache = TeaCache(base, req.teacache, coefficients_for(self.model_key), self.teacache_device,
+                                  self.teacache_agree)
+            self.cache.begin(req.sample_steps)
+            self.dit.block_runner = self.cache
+        else:
+            self.cache = None
+            self.dit.block_runner = base
 
     def _since(self, t: float) -> float:
         if self.device.type == "cuda":

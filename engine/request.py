@@ -77,22 +77,27 @@ class RequestLimits:
     solvers: tuple[str, ...] = SOLVERS
 
 
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
 def _number(field_name: str, value: Any, lo: float, hi: float, integer: bool) -> float | int:
     kind = "an integer" if integer else "a number"
+    lo_s, hi_s = _fmt(lo), _fmt(hi)
     if isinstance(value, bool) or value is None:
-        raise RequestError(field_name, f"must be {kind} between {lo:g} and {hi:g}, got {value!r}")
+        raise RequestError(field_name, f"must be {kind} between {lo_s} and {hi_s}, got {value!r}")
     try:
         x = float(value) if not isinstance(value, (int, float)) else value
     except (TypeError, ValueError):
-        raise RequestError(field_name, f"must be {kind} between {lo:g} and {hi:g}, got {str(value)[:40]!r}") from None
+        raise RequestError(field_name, f"must be {kind} between {lo_s} and {hi_s}, got {str(value)[:40]!r}") from None
     if not math.isfinite(x):
-        raise RequestError(field_name, f"must be a finite number between {lo:g} and {hi:g}, got {x}")
+        raise RequestError(field_name, f"must be a finite number between {lo_s} and {hi_s}, got {x}")
     if integer:
         if float(x) != int(x):
-            raise RequestError(field_name, f"must be {kind} between {lo:g} and {hi:g}, got {x}")
+            raise RequestError(field_name, f"must be {kind} between {lo_s} and {hi_s}, got {x}")
         x = int(x)
     if not lo <= x <= hi:
-        raise RequestError(field_name, f"must be between {lo:g} and {hi:g}, got {x}")
+        raise RequestError(field_name, f"must be between {lo_s} and {hi_s}, got {x}")
     return x
 
 

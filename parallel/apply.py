@@ -99,14 +99,44 @@ def apply_layout(pipe: WanPipeline, groups: LayoutGroups, kernel: Kernel) -> Non
     pipe.guidance = ParallelCFG(groups) if groups.layout.cfg > 1 else SequentialCFG()
 
 
-def _load_dit_sharded(path, rt: Runtime, dtype: torch.dtype, mesh) -> WanDiT:
-    from parallel.fsdp import apply_fsdp, load_sharded
+def teacache_agreement(rt: Runtime, pipe: WanPipeline):
+    """TeaCache decisions agreed over the control group, per branch (compute if any rank of the branch wants
+    to); the other branch's skips (CFG parallel) are recorded too, so every rank counts the same forwards."""
 
-    view, cfg = open_dit(path, dtype)
-    model = build_dit(cfg)
-    apply_fsdp(model, model.blocks, mesh)
-    load_sharded(model, view, rt.device, dtype, "Wan2.1 DiT", path)
-    return model.eval().requires_grad_(False)
+    def agree(branch: str, want: bool) -> bool:
+        votes = rt.all_gather_object((branch, bool(want)))
+        compute: dict[str, bool] = {}
+        for b, w in votes:
+            compute[b] = compute.get(b, False) or w
+        for b, c in compute.items():
+            if b != branch and not c and pipe.cache is not None:
+                pipe.cache.skipped.append((pipe.cache.step, b))
+        return compute[branch]
+
+    return agree if rt.distributed else None
+
+
+def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh) -> WanDiT:
+    """The DiT sharded (FSDP) or whole, with the block-swap / offload plan applied from the start: the
+    planned tensors go straight to host memory (FSDP: this rank's shards, via FSDP2's CPU offload)."""
+    from parallel.offload import apply_offload, fsdp_offload_units, host_param_names, plan_offload
+
+    view, dcfg = open_dit(files.dit, dtype)
+    model = build_dit(dcfg)
+    plan = plan_offload(model.blocks, cfg.blocks_to_swap, cfg.offload_percent)
+    if mesh is not None:
+        from parallel.fsdp import apply_fsdp, load_sharded
+
+        offloaded, _ = fsdp_offload_units(model, plan)
+        apply_fsdp(model, model.blocks, mesh, offload=offloaded)
+        load_sharded(model, view, rt.device, dtype, "Wan2.1 DiT", files.dit)
+        if not plan.empty:
+            log.info("offload under FSDP: %d blocks + %d layers keep this rank's shards in host memory",
+                     len(plan.swapped), sum(len(v) for v in plan.layers.values()))
+        return model.eval().requires_grad_(False)
+    model = load_dit(files.dit, rt.device, dtype, host_names=host_param_names(model, plan) or None)
+    apply_offload(model, plan, rt.device)
+    return model
 
 
 def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, ParallelState]:
@@ -136,7 +166,12 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, P
         shard = t5_sharder(mesh, rt.device, t5_dtype, files.t5)
     text_encoder = load_text_encoder(files.t5, files.tokenizer, t5_device, t5_dtype, shard=shard)
     info = model_info(files, cfg, dtype, count_tokens=text_encoder.count_tokens)
-    dit = _load_dit_sharded(files.dit, rt, dtype, mesh) if dit_fsdp else load_dit(files.dit, rt.device, dtype)
+    dit = load_dit_placed(cfg, files, rt, dtype, mesh if dit_fsdp else None)
+    if cfg.compile:
+        from parallel.speed import apply_compile
+
+        apply_compile(dit, cfg.compile_backend)
+        notes.append(f"torch.compile ({cfg.compile_backend}) on every DiT block")
     if dit_fsdp or t5_fsdp:
         parts = " and ".join(p for p, on in (("DiT", dit_fsdp), ("T5", t5_fsdp)) if on)
         notes.append(f"Applied FSDP to model ({parts}, {rt.world_size} shards)")
@@ -145,6 +180,10 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, P
     layout = resolve_layout(rt.world_size, info.num_heads, cfg.ulysses_size, cfg.ring_size, cfg.cfg_size,
                             cfg.use_context_parallel, rt.local_world_size)
     pipe = WanPipeline(dit, text_encoder, vae, rt.device, model_name=files.name, random_weights=files.random_weights)
+    pipe.model_key = info.key
+    pipe.offload_t5 = cfg.offload_model and not t5_fsdp and t5_device.type == "cuda"
+    pipe.teacache_device = "cpu" if cfg.teacache_cache_device in ("cpu", "offload_device") else "gpu"
+    pipe.teacache_agree = teacache_agreement(rt, pipe)
     state = ParallelState(rt, info, kernel, MeshCache(rt.world_size, rt.rank), layout, dit_fsdp, t5_fsdp,
                           cfg.use_context_parallel, notes)
     context_parallel = layout.sp > 1

@@ -24,13 +24,27 @@ def flat_mesh(device: torch.device, world: int):
     return init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
 
 
-def apply_fsdp(root: nn.Module, blocks: Iterable[nn.Module], mesh) -> nn.Module:
-    """Shard each block, then the root (parameters stay in their dtype; no mixed-precision cast)."""
-    from torch.distributed.fsdp import fully_shard
+def apply_fsdp(root: nn.Module, blocks: Iterable[nn.Module], mesh, offload: Iterable[nn.Module] = ()) -> nn.Module:
+    """Shard each block, then the root (parameters stay in their dtype; no mixed-precision cast).
 
+    Modules in `offload` (whole blocks, or Linear layers inside blocks) get FSDP2's CPU offload: this
+    rank's shard lives in (pinned) host memory and is copied in for the all-gather. Each block asks FSDP
+    to prefetch the next block's all-gather, so the copies overlap compute.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    offload_ids = {id(m) for m in offload}
+    policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
+    blocks = list(blocks)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        for sub in block.modules():
+            if sub is not block and id(sub) in offload_ids:
+                fully_shard(sub, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
+        kw = {"offload_policy": policy} if id(block) in offload_ids else {}
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, **kw)
     fully_shard(root, mesh=mesh, reshard_after_forward=True)
+    for block, nxt in zip(blocks, blocks[1:]):
+        block.set_modules_to_forward_prefetch([nxt])
     return root
 
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file as save_safetensors
 
 from engine.config import FPS
 from engine.pipeline import GenerationResult
@@ -68,7 +68,7 @@ def write_outputs(server, result: GenerationResult, save_file: str | None, save_
     if save_latents:
         p = Path(save_latents)
         p.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": result.latents.contiguous()}, str(p))
+        save_safetensors({"latents": result.latents.contiguous()}, str(p))
         out.latents_path = p
     t0 = time.perf_counter()
     video = server.pipe.decode(result.latents.to(server.rt.device), tiled=server.cfg.vae_tiling)

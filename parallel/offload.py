@@ -1,0 +1,189 @@
+"""Memory modes: block swap and offload percent, one mechanism.
+
+`--blocks_to_swap N`: the last N blocks keep all their weights in (pinned) host memory.
+`--offload_percent p`: of the parameter bytes of the other blocks, the fraction p (chosen Linear layers,
+the same share in every block) lives in host memory too.
+Per block, the host-resident tensors are one *unit*: streamed to the GPU on a side CUDA stream one
+block ahead of use, released after the block ran; at most two units are on the GPU at any time. On a
+CPU the same copy-in / release code runs against a separate host store, with the copies counted.
+Under FSDP the same plan is applied through FSDP2's CPU offload of this rank's shards (`fsdp_offload`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger("wan.offload")
+
+
+@dataclass
+class OffloadPlan:
+    """Which tensors of which blocks live in host memory."""
+
+    swapped: list[int] = field(default_factory=list)  # whole blocks
+    layers: dict[int, list[str]] = field(default_factory=dict)  # block → Linear module names offloaded
+    host_bytes: int = 0
+    total_bytes: int = 0
+
+    def modules(self, blocks: nn.ModuleList, i: int) -> list[nn.Module]:
+        if i in self.swapped:
+            return [blocks[i]]
+        return [blocks[i].get_submodule(n) for n in self.layers.get(i, [])]
+
+    @property
+    def empty(self) -> bool:
+        return not self.swapped and not any(self.layers.values())
+
+
+def _bytes(m: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+def plan_offload(blocks: nn.ModuleList, blocks_to_swap: int, offload_percent: float) -> OffloadPlan:
+    """The last `blocks_to_swap` blocks whole, then the share `offload_percent` of each other block's bytes
+    (its largest Linear layers first, stopping at the count closest to the target)."""
+    if not 0.0 <= offload_percent <= 1.0:
+        raise ValueError(f"offload_percent must be between 0 and 1, got {offload_percent}")
+    n = len(blocks)
+    if blocks_to_swap < 0:
+        raise ValueError(f"blocks_to_swap must be 0 or more, got {blocks_to_swap}")
+    if blocks_to_swap > n:
+        log.warning("blocks_to_swap %d is more than the model's %d blocks: swapping all %d", blocks_to_swap, n, n)
+        blocks_to_swap = n
+    plan = OffloadPlan(swapped=list(range(n - blocks_to_swap, n)))
+    plan.total_bytes = sum(_bytes(b) for b in blocks)
+    plan.host_bytes = sum(_bytes(blocks[i]) for i in plan.swapped)
+    if offload_percent > 0:
+        for i in range(n - blocks_to_swap):
+            linears = sorted(((name, _bytes(m)) for name, m in blocks[i].named_modules() if isinstance(m, nn.Linear)),
+                             key=lambda t: -t[1])
+            target = offload_percent * _bytes(blocks[i])
+            chosen, acc = [], 0
+            for name, b in linears:
+                if abs(acc + b - target) <= abs(acc - target) or offload_percent >= 1.0:
+                    chosen.append(name)
+                    acc += b
+            plan.layers[i] = chosen
+            plan.host_bytes += acc
+    return plan
+
+
+class BlockStreamer:
+    """Host copies of each unit's tensors; `fetch` streams a unit in, `release` drops it from the device."""
+
+    def __init__(self, blocks: nn.ModuleList, plan: OffloadPlan, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.units: dict[int, list[tuple[nn.Parameter, Tensor]]] = {}
+        for i in range(len(blocks)):
+            params = [p for m in plan.modules(blocks, i) for p in m.parameters()]
+            if params:
+                self.units[i] = [(p, self._to_host(p.data)) for p in params]
+                for p, _ in self.units[i]:
+                    p.data = torch.empty(0, dtype=p.dtype, device=device)
+        self.order = sorted(self.units)
+        self.pending: dict[int, tuple[list[Tensor], object]] = {}
+        self.resident: set[int] = set()
+        self.copies_in = 0
+        self.releases = 0
+        self.max_on_device = 0
+
+    def _to_host(self, t: Tensor) -> Tensor:
+        if self.cuda:
+            return t.detach().to("cpu").pin_memory()
+        return t.detach().clone()  # CPU: a separate host store, so fetch/release really copy
+
+    def fetch(self, i: int) -> None:
+        """Start copying unit i to the device (side stream on CUDA)."""
+        if i not in self.units or i in self.pending or i in self.resident:
+            return
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                tensors = [h.to(self.device, non_blocking=True) for _, h in self.units[i]]
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        else:
+            tensors, event = [h.clone() for _, h in self.units[i]], None
+        self.pending[i] = (tensors, event)
+        self.copies_in += 1
+        self.max_on_device = max(self.max_on_device, len(self.pending) + len(self.resident))
+
+    def before(self, i: int) -> None:
+        """Make unit i resident (waiting for its copy), then start the copy of the next unit."""
+        if i in self.units:
+            self.fetch(i)
+            tensors, event = self.pending.pop(i)
+            if self.cuda:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                for t in tensors:
+                    t.record_stream(current)
+            for (p, _), t in zip(self.units[i], tensors):
+                p.data = t
+            self.resident.add(i)
+        if self.order:
+            later = [j for j in self.order if j > i]
+            self.fetch(later[0] if later else self.order[0])
+
+    def after(self, i: int) -> None:
+        """Release unit i's device copies (the allocator reuses them once the compute stream is done)."""
+        if i not in self.units:
+            return
+        for p, _ in self.units[i]:
+            p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+        self.resident.discard(i)
+        self.releases += 1
+
+
+class StreamingRunner:
+    """A block runner that streams each block's host-resident weights around the inner runner's loop."""
+
+    def __init__(self, streamer: BlockStreamer) -> None:
+        self.streamer = streamer
+
+    def __call__(self, model, x: Tensor, e: Tensor, e0: Tensor, context: Tensor, rope: Tensor) -> Tensor:
+        for i, block in enumerate(model.blocks):
+            self.streamer.before(i)
+            x = block(x, e0, context, rope)
+            self.streamer.after(i)
+        return x
+
+
+def host_param_names(model: nn.Module, plan: OffloadPlan) -> set[str]:
+    """Full parameter names of everything the plan keeps in host memory (to load them there directly)."""
+    names = set()
+    for i in range(len(model.blocks)):
+        for m in plan.modules(model.blocks, i):
+            prefix = next(n for n, mm in model.named_modules() if mm is m)
+            names.update(f"{prefix}.{pn}" for pn, _ in m.named_parameters())
+    return names
+
+
+def apply_offload(model: nn.Module, plan: OffloadPlan, device: torch.device) -> BlockStreamer | None:
+    """Keep the planned tensors in host memory and stream them during the forward (non-FSDP models)."""
+    if plan.empty:
+        return None
+    streamer = BlockStreamer(model.blocks, plan, device)
+    model.block_runner = StreamingRunner(streamer)
+    log.info("offload: %d blocks swapped + %.2f GiB of other layers: %.2f GiB of %.2f GiB of block weights in host "
+             "memory, streamed one block ahead", len(plan.swapped), (plan.host_bytes - sum(_bytes(model.blocks[i]) for i in plan.swapped)) / 2**30,
+             plan.host_bytes / 2**30, plan.total_bytes / 2**30)
+    return streamer
+
+
+def fsdp_offload_units(model: nn.Module, plan: OffloadPlan) -> tuple[list[nn.Module], list[nn.Module]]:
+    """For FSDP: (modules to shard with CPU offload, the rest of the blocks). Offloaded Linear layers
+    become their own FSDP units, so their shards alone live in host memory."""
+    offloaded, plain = [], []
+    for i, block in enumerate(model.blocks):
+        if i in plan.swapped:
+            offloaded.append(block)
+        else:
+            offloaded.extend(plan.modules(model.blocks, i))
+            plain.append(block)
+    return offloaded, plain
