@@ -59,8 +59,8 @@ def sidecar_meta(server, result: GenerationResult, index: int) -> dict:
     }
 
 
-def write_outputs(server, result: GenerationResult, save_file: str | None, save_latents: str | None):
-    """Decode on rank 0 and write every file; returns the Dispatcher's Output."""
+def write_outputs(server, result: GenerationResult, save_file: str | None, save_latents: str | None, decode: bool = True):
+    """Decode on rank 0 and write every file; returns the Dispatcher's Output (latents only if not decode)."""
     from parallel.serve import Output
 
     req = result.request
@@ -70,6 +70,9 @@ def write_outputs(server, result: GenerationResult, save_file: str | None, save_
         p.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors({"latents": result.latents.contiguous()}, str(p))
         out.latents_path = p
+    if not decode:
+        out.meta = sidecar_meta(server, result, 0)
+        return out
     t0 = time.perf_counter()
     video = server.pipe.decode(result.latents.to(server.rt.device), tiled=server.cfg.vae_tiling)
     result.timings["vae_decode_s"] = round(time.perf_counter() - t0, 4)

@@ -195,7 +195,7 @@ class Dispatcher:
             self.cancel_event.set()
 
     def submit(self, raw: dict, save_file: str | None = None, save_latents: str | None = None,
-               progress: Progress | None = None, fault: dict | None = None) -> Output:
+               progress: Progress | None = None, fault: dict | None = None, decode: bool = True) -> Output:
         """Run one request (serialised with any other submission) and write its files."""
         from parallel.outputs import write_outputs
 
@@ -210,7 +210,7 @@ class Dispatcher:
             try:
                 self.server.rt.broadcast_object({"op": "generate", "request": req.to_dict(), "options": opts})
                 result = self.server.execute(req, opts, self.cancel_event, progress)
-                return write_outputs(self.server, result, save_file, save_latents)
+                return write_outputs(self.server, result, save_file, save_latents, decode)
             finally:
                 self.busy = False
                 self.cancel_event.clear()
@@ -218,10 +218,12 @@ class Dispatcher:
 
 def start_server(cfg: RunConfig) -> Server:
     """Join the gang, load every model, and return this rank's Server."""
+    import os
+
     from app import setup_logging
 
+    setup_logging(cfg.log_level, int(os.environ.get("RANK", "0")))
     rt = init_runtime(cfg.dist_timeout)
-    setup_logging(cfg.log_level, rt.rank)
     if cfg.world_size is not None and cfg.world_size != rt.world_size:
         raise LaunchError(
             f"the preset/config asks for world_size {cfg.world_size} but {rt.world_size} process(es) are running: "

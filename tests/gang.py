@@ -34,7 +34,8 @@ def main(spec_path: str) -> int:
             t0 = time.perf_counter()
             try:
                 out = server.dispatcher.submit(item["raw"], save_file=item.get("save_file"),
-                                               save_latents=item.get("save_latents"), fault=item.get("fault"))
+                                               save_latents=item.get("save_latents"), fault=item.get("fault"),
+                                               decode=item.get("decode", True))
                 results.append({"ok": True, "videos": [str(p) for p in out.videos], "meta": out.meta,
                                 "memory": out.memory, "seconds": time.perf_counter() - t0})
             except Exception as exc:  # noqa: BLE001 - recorded for the test to check

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.multirank
 SIZES = ("208*144", "256*256")
 BASE = {"prompt": "a red fox running through snow", "frame_num": 9, "sample_steps": 3, "sample_guide_scale": 5.0,
         "base_seed": 1234}
-ARGV = ["--dtype", "fp32", "--log_level", "WARNING"]
+ARGV = ["--dtype", "fp32"]
 
 
 def _requests(tmp, tag, layouts):
@@ -25,7 +25,8 @@ def _requests(tmp, tag, layouts):
     for name, lay in layouts:
         for size in SIZES:
             raw = {**BASE, "size": size, **lay}
-            reqs.append({"raw": raw, "save_latents": str(tmp / f"{tag}_{name}_{size.replace('*', 'x')}.safetensors")})
+            path = str(tmp / f"{tag}_{name}_{size.replace('*', 'x')}.safetensors")
+            reqs.append({"raw": raw, "save_latents": path, "decode": False})
     return reqs
 
 
