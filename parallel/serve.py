@@ -224,6 +224,10 @@ def start_server(cfg: RunConfig) -> Server:
 
     setup_logging(cfg.log_level, int(os.environ.get("RANK", "0")))
     rt = init_runtime(cfg.dist_timeout)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and rt.rank == 0:
+        log.warning("the gang was restarted after a failure (restart %d of at most %s); serving again",
+                    restarts, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"))
     if cfg.world_size is not None and cfg.world_size != rt.world_size:
         raise LaunchError(
             f"the preset/config asks for world_size {cfg.world_size} but {rt.world_size} process(es) are running: "
