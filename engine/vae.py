@@ -74,7 +74,9 @@ def split_spans(size: int, tile: int) -> list[tuple[int, int]]:
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded causally in time (2·pad_t frames in front), the front frames taken from a cache."""
 
-    def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0) -> None:
+    def __init__(
+        self, cin: int, cout: int, kernel: int | tuple, stride: int | tuple = 1, padding: int | tuple = 0
+    ) -> None:
         super().__init__(cin, cout, kernel, stride, padding=0)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         self.t_pad, self.hw_pad = 2 * pt, (pw, pw, ph, ph)
@@ -251,7 +253,7 @@ class Decoder(nn.Module):
 # The VAE
 # ----------------------------------------------------------------------------------------------------
 class WanVAE(nn.Module):
-    """Wan2.1 causal video VAE: `encode(video) -> latents`, `decode(latents, tile) -> video` (official names)."""
+    """Wan2.1 causal video VAE (official names): `encode(video) -> latents`, `decode(latents) -> video`."""
 
     def __init__(
         self,
@@ -273,16 +275,13 @@ class WanVAE(nn.Module):
         self.tail_halo = tail_halo(num_res_blocks, len(dim_mult))
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        mean = torch.tensor(self.mean, device=like.device, dtype=like.dtype).view(
-            1, -1, 1, 1, 1
-        )  # (1, z, 1, 1, 1)
-        std = torch.tensor(self.std, device=like.device, dtype=like.dtype).view(
-            1, -1, 1, 1, 1
-        )  # (1, z, 1, 1, 1)
-        return mean, std
+        """Latent mean and std as (1, z, 1, 1, 1) tensors on like's device and dtype."""
+        mean, std = (torch.tensor(v, device=like.device, dtype=like.dtype) for v in (self.mean, self.std))
+        return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)  # (1, z, 1, 1, 1)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype: inputs are cast to it and outputs come back in it."""
         return next(self.parameters()).dtype
 
     def encode(self, video: Tensor) -> Tensor:
@@ -304,11 +303,11 @@ class WanVAE(nn.Module):
     def decode(self, latents: Tensor, tile: bool | int | tuple[int, int] = False) -> Tensor:
         """Normalised latents (B, z, T, h, w) → video (B, 3, 1+4(T-1), 8h, 8w) clamped to [-1, 1].
 
-        tile: False = untiled; True = tiles of `DEFAULT_TILE`; an int or (rows, cols) = tile core size in
+        tile: False/None = untiled; True = `DEFAULT_TILE`; an int or (rows, cols) = the tile core size in
         latent pixels. Tiled decode bounds memory and equals the untiled result (exact halo).
         """
         feats = self.decode_middle(latents)
-        if tile is False:
+        if not tile:
             return self.decode_tail(feats).clamp_(-1, 1)
         th, tw = DEFAULT_TILE if tile is True else (tile, tile) if isinstance(tile, int) else tile
         if th < 1 or tw < 1:
@@ -358,9 +357,8 @@ class WanVAE(nn.Module):
         cache: Cache = {}
         f = 0
         for i in range(feats.shape[2]):
-            y = self.decoder.tail_stage(
-                feats[:, :, i : i + 1, a0:a1, b0:b1], cache
-            )  # (B, 3, n, 8(a1-a0), 8(b1-b0))
+            x = feats[:, :, i : i + 1, a0:a1, b0:b1]  # (B, C, 1, a1-a0, b1-b0): one latent frame + halo
+            y = self.decoder.tail_stage(x, cache)  # (B, 3, n, 8(a1-a0), 8(b1-b0)), n = 1 then 4
             n = y.shape[2]
             out[:, :, f : f + n] = y[..., s * (r0 - a0) : s * (r1 - a0), s * (c0 - b0) : s * (c1 - b0)]
             f += n
@@ -376,7 +374,7 @@ class WanVAE(nn.Module):
 # Checkpoints: config inference and diffusers names
 # ----------------------------------------------------------------------------------------------------
 def vae_config_from_state_dict(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """`WanVAE(**cfg)` arguments inferred from official tensor names and shapes (values need only `.shape`)."""
+    """`WanVAE(**cfg)` arguments inferred from official names and shapes (values need only `.shape`)."""
     for key in ("encoder.conv1.weight", "conv2.weight", "encoder.downsamples.0.residual.6.weight"):
         if key not in sd:
             raise ValueError(f"not a Wan2.1 VAE state dict in official names: no '{key}' tensor")
@@ -433,7 +431,7 @@ def vae_name_from_diffusers(name: str, num_res_blocks: int = 2) -> str:
 
 
 def vae_state_dict_from_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename a diffusers `AutoencoderKLWan` state dict to official names (inverse of diffusers' converter)."""
+    """Rename a diffusers `AutoencoderKLWan` state dict to official names (inverts diffusers' converter)."""
     idx = [int(m[1]) for k in sd if (m := re.match(r"decoder\.up_blocks\.\d+\.resnets\.(\d+)\.", k))]
     num_res_blocks = max(idx) if idx else 2
     return {vae_name_from_diffusers(k, num_res_blocks): v for k, v in sd.items()}
