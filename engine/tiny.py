@@ -23,7 +23,7 @@ from engine.config import DIT_CONFIGS
 
 log = logging.getLogger("wan.tiny")
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 TINY_VAE_DIM = 16
 TINY_T5 = {"vocab_size": 2048, "d_model": 64, "num_layers": 2, "num_heads": 4, "d_kv": 16, "d_ff": 128}
 DIT_FILE = "wan2.1_t2v_tiny_random.safetensors"
@@ -68,6 +68,17 @@ def _tiny_t5_state_dict() -> dict[str, torch.Tensor]:
     return sd
 
 
+def _tiny_dit_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
+    """Random DiT weights whose timestep embedding behaves like a trained one: it leans on the low
+    frequencies and carries a large constant part, so consecutive steps' embeddings differ by a few
+    percent (as in the real models) and TeaCache has something realistic to decide on."""
+    sd = random_weights(dit, seed=1)
+    decay = torch.exp(-torch.arange(128, dtype=torch.float32) / 8.0)
+    sd["time_embedding.0.weight"] = sd["time_embedding.0.weight"] * torch.cat([decay, decay])
+    sd["time_embedding.2.bias"] = 2.0 * torch.randn(sd["time_embedding.2.bias"].shape, generator=torch.Generator().manual_seed(4))
+    return sd
+
+
 def write_tiny_model(root: Path) -> None:
     """Write the tiny model's files under root in the seed's layout (deterministic)."""
     from engine.dit import WanDiT
@@ -81,7 +92,7 @@ def write_tiny_model(root: Path) -> None:
     (root / "text_encoders").mkdir()
     (root / "vae").mkdir()
     meta = {"random_weights": "true", "note": "embedded tiny Wan2.1 with random weights; outputs are noise"}
-    save_file(random_weights(dit, seed=1), root / "diffusion_models" / DIT_FILE, metadata=meta)
+    save_file(_tiny_dit_state_dict(dit), root / "diffusion_models" / DIT_FILE, metadata=meta)
     save_file(_tiny_t5_state_dict(), root / "text_encoders" / T5_FILE, metadata=meta)
     build_tiny_tokenizer(root / "text_encoders" / "tokenizer", vocab_size=TINY_T5["vocab_size"])
     save_file(random_weights(vae, seed=3), root / "vae" / VAE_FILE, metadata=meta)
