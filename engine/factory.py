@@ -32,12 +32,28 @@ def resolve_files(cfg: RunConfig) -> ModelFiles:
     """The user's model files, or the embedded tiny model when nothing is there and nothing was named."""
     files = find_model_files(cfg.model_dir, cfg.ckpt_dir, cfg.dit, cfg.t5, cfg.vae, cfg.tokenizer, cfg.task)
     if files is not None:
+        if marked_random(files.dit):
+            files.random_weights = True
+            log.warning(RANDOM_WEIGHTS_NOTICE)
         return files
     root = ensure_tiny_model(default_tiny_dir(cfg.model_dir))
     log.warning(RANDOM_WEIGHTS_NOTICE)
     files = find_model_files(root)
     files.random_weights = True
     return files
+
+
+def marked_random(path: Path) -> bool:
+    """True for files the tiny-model generator wrote (their safetensors metadata says random_weights)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("random_weights") == "true"
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the loader
+        return False
 
 
 @dataclass

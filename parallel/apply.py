@@ -69,6 +69,7 @@ class ParallelState:
     t5_fsdp: bool = False
     use_context_parallel: bool = True
     startup_log: list[str] = field(default_factory=list)
+    parallel_vae: bool = False
 
     def layout_for(self, ulysses: int | None, ring: int | None, cfg: int | None) -> ParallelLayout:
         """The layout of a request (its sizes, else the start-up defaults), checked."""
@@ -175,7 +176,9 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, P
     if dit_fsdp or t5_fsdp:
         parts = " and ".join(p for p, on in (("DiT", dit_fsdp), ("T5", t5_fsdp)) if on)
         notes.append(f"Applied FSDP to model ({parts}, {rt.world_size} shards)")
-    vae = load_vae(files.vae, rt.device, torch.float32 if rt.device.type == "cpu" else dtype) if rt.rank == 0 else None
+    parallel_vae = rt.distributed  # every rank decodes a slice; one rank alone holds the VAE otherwise
+    vae_dtype = torch.float32 if rt.device.type == "cpu" else dtype
+    vae = load_vae(files.vae, rt.device, vae_dtype) if (rt.rank == 0 or parallel_vae) else None
     kernel = get_kernel(cfg.attention, rt.device)
     layout = resolve_layout(rt.world_size, info.num_heads, cfg.ulysses_size, cfg.ring_size, cfg.cfg_size,
                             cfg.use_context_parallel, rt.local_world_size)
@@ -185,7 +188,7 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, P
     pipe.teacache_device = "cpu" if cfg.teacache_cache_device in ("cpu", "offload_device") else "gpu"
     pipe.teacache_agree = teacache_agreement(rt, pipe)
     state = ParallelState(rt, info, kernel, MeshCache(rt.world_size, rt.rank), layout, dit_fsdp, t5_fsdp,
-                          cfg.use_context_parallel, notes)
+                          cfg.use_context_parallel, notes, parallel_vae)
     context_parallel = layout.sp > 1
     notes.append(f"attention kernel: {kernel.name}; default layout: {layout}")
     notes.append(f"Setup complete: FSDP={str(dit_fsdp or t5_fsdp).lower()}, Context Parallel={str(context_parallel).lower()}")

@@ -59,8 +59,8 @@ def sidecar_meta(server, result: GenerationResult, index: int) -> dict:
     }
 
 
-def write_outputs(server, result: GenerationResult, save_file: str | None, save_latents: str | None, decode: bool = True):
-    """Decode on rank 0 and write every file; returns the Dispatcher's Output (latents only if not decode)."""
+def write_outputs(server, result: GenerationResult, save_file: str | None, save_latents: str | None):
+    """Write the latents (if asked) and, when the request was decoded, every mp4 and sidecar (rank 0)."""
     from parallel.serve import Output
 
     req = result.request
@@ -70,18 +70,14 @@ def write_outputs(server, result: GenerationResult, save_file: str | None, save_
         p.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors({"latents": result.latents.contiguous()}, str(p))
         out.latents_path = p
-    if not decode:
+    if result.video is None:
         out.meta = sidecar_meta(server, result, 0)
         return out
-    t0 = time.perf_counter()
-    video = server.pipe.decode(result.latents.to(server.rt.device), tiled=server.cfg.vae_tiling)
-    result.timings["vae_decode_s"] = round(time.perf_counter() - t0, 4)
-    result.timings["total_s"] = round(result.timings.get("total_s", 0.0) + result.timings["vae_decode_s"], 4)
     outputs_dir = Path(server.cfg.outputs_dir)
     for i in range(req.batch_size):
         path = resolve_save_path(_batch_path(save_file, i, req.batch_size), outputs_dir, req.base_seed + i)
         t1 = time.perf_counter()
-        write_mp4(video_to_uint8(video[i]), path, fps=FPS)
+        write_mp4(video_to_uint8(result.video[i]), path, fps=FPS)
         result.timings["write_mp4_s"] = round(time.perf_counter() - t1, 4)
         meta = sidecar_meta(server, result, i)
         out.sidecars.append(write_sidecar(path, meta))

@@ -59,6 +59,14 @@ class Runtime:
         dist.all_gather_object(out, obj, group=self.control)
         return out
 
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's object on rank 0 (None elsewhere), over the control group."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.control)
+        return out
+
     def any_flag(self, code: int) -> int:
         """Max of a small integer over all ranks (control group): a cheap per-step status check."""
         if not self.distributed:

@@ -116,7 +116,8 @@ class Server:
 
     # -- every rank ---------------------------------------------------------------------------------------
     def execute(self, req: GenerationRequest, opts: dict, cancel=None, progress=None) -> GenerationResult:
-        """Run one request on this rank in lockstep with the others (decode excluded)."""
+        """Run one request on this rank in lockstep with the others; decode (spread over the ranks) when
+        opts["decode"]. The video ends up in `result.video` on rank 0."""
         layout = self.state.layout_for(req.ulysses_size, req.ring_size, req.cfg_size)
         apply_layout(self.pipe, self.state.meshes.get(layout), self.state.kernel)
         hook = StepAgreement(self.rt, cancel, progress, opts.get("fault"))
@@ -124,7 +125,10 @@ class Server:
             torch.cuda.reset_peak_memory_stats(self.rt.device)
         try:
             try:
-                return self.pipe.generate(req, on_step=hook, decode=False)
+                result = self.pipe.generate(req, on_step=hook, decode=False)
+                if opts.get("decode", True):
+                    self._decode(result, hook)
+                return result
             except (Cancelled, RankFailed):
                 raise
             except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised as RankFailed
@@ -136,6 +140,34 @@ class Server:
             if self.rt.device.type == "cuda":
                 torch.cuda.empty_cache()
             self.last_memory = self.rt.all_gather_object(memory_report(self.rt))
+
+    def _decode(self, result: GenerationResult, hook: StepAgreement) -> None:
+        """VAE decode: patch-parallel over all ranks when several hold the VAE, else on rank 0."""
+        t0 = time.perf_counter()
+        pipe, rt = self.pipe, self.rt
+        if self.cfg.offload_model and rt.device.type == "cuda" and not self.state.dit_fsdp:
+            pipe.dit.to("cpu")  # the official --offload_model: the DiT leaves the GPU before decoding
+        try:
+            if rt.distributed and self.state.parallel_vae:
+                from parallel.vae_parallel import parallel_decode
+
+                vae = pipe.vae
+                lat = result.latents.to(rt.device, next(vae.parameters()).dtype)
+
+                def agreed() -> None:
+                    hook.step = -1
+                    hook.agree(OK, "")  # every rank finished its slice (or all leave together)
+
+                videos = [parallel_decode(vae, z[None], rt.rank, rt.world_size, rt.gather_object, agreed) for z in lat]
+                if rt.rank == 0:
+                    result.video = torch.cat(videos)
+            elif rt.rank == 0:
+                result.video = pipe.decode(result.latents.to(rt.device), tiled=self.cfg.vae_tiling)
+        finally:
+            if self.cfg.offload_model and rt.device.type == "cuda" and not self.state.dit_fsdp:
+                pipe.dit.to(rt.device)
+        result.timings["vae_decode_s"] = round(time.perf_counter() - t0, 4)
+        result.timings["total_s"] = round(result.timings.get("total_s", 0.0) + result.timings["vae_decode_s"], 4)
 
     def worker_loop(self) -> None:
         """Ranks ≥ 1: wait on the control group for rank 0's messages, forever (until shutdown)."""
@@ -203,14 +235,15 @@ class Dispatcher:
         layout = self.server.state.layout_for(raw.get("ulysses_size"), raw.get("ring_size"), raw.get("cfg_size"))
         req = GenerationRequest(**{**req.to_dict(), "ulysses_size": layout.ulysses, "ring_size": layout.ring,
                                    "cfg_size": layout.cfg})
-        opts = {"fault": fault} if fault else {}
+        opts: dict = {"fault": fault} if fault else {}
         with self._lock:
             self.busy = True
             self.cancel_event.clear()
             try:
                 self.server.rt.broadcast_object({"op": "generate", "request": req.to_dict(), "options": opts})
+                opts["decode"] = decode
                 result = self.server.execute(req, opts, self.cancel_event, progress)
-                return write_outputs(self.server, result, save_file, save_latents, decode)
+                return write_outputs(self.server, result, save_file, save_latents)
             finally:
                 self.busy = False
                 self.cancel_event.clear()
