@@ -106,7 +106,42 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def bench_case(model_name: str, size: str, frames: int, runs: int, compile_: bool, with_diffusers: bool, peak_tflops: float):
+@torch.no_grad()
+def fp32_reference(model, x, t, ctx):
+    """The same (bf16-rounded) weights evaluated in float32 without TF32, one block at a time
+    (an fp32 copy of each block in turn), with the default exact SDPA: the correctness reference."""
+    import copy
+
+    from engine.attention import dense_attention
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    small = [model.patch_embedding, model.text_embedding, model.time_embedding, model.time_projection, model.head]
+
+    def runner(m, h, e, e0, c, rope):
+        for block in m.blocks:
+            b32 = copy.deepcopy(block).float()
+            b32.self_attn.attn_fn = b32.cross_attn.attn_fn = dense_attention
+            h = b32(h, e0, c, rope)
+            del b32
+        return h
+
+    saved = model.block_runner
+    try:
+        for mod in small:
+            mod.float()
+        model.block_runner = runner
+        return model(x, t, ctx)
+    finally:
+        model.block_runner = saved
+        for mod in small:
+            mod.to(torch.bfloat16)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@torch.no_grad()
+def bench_case(model_name: str, size: str, frames: int, runs: int, compile_: bool, with_diffusers: bool,
+               peak_tflops: float, fp32_ref: bool = False):
     cfg = DIT_CONFIGS[model_name]
     w, h = (int(v) for v in size.split("*"))
     ours = random_model(cfg)
@@ -138,9 +173,11 @@ def bench_case(model_name: str, size: str, frames: int, runs: int, compile_: boo
         case.update(diffusers_ms=round(dms, 1), diffusers_tflops=round(flops / dms / 1e9, 1),
                     diffusers_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                     ratio_diffusers_over_ours=round(dms / ms, 3), rel_err_vs_diffusers=rel(out, out_ref))
-        del ref, out_ref
-    del ours, out
-    torch.cuda.empty_cache()
+    if fp32_ref:
+        ref32 = fp32_reference(ours, x, t, ctx)
+        case["rel_err_vs_fp32"] = rel(out, ref32)
+        if with_diffusers:
+            case["diffusers_rel_err_vs_fp32"] = rel(out_ref, ref32)
     return case
 
 
@@ -153,6 +190,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fp32-ref", action="store_true", help="also compare with a float32 evaluation (slow)")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     gpu = torch.cuda.get_device_name()
@@ -162,7 +200,7 @@ def main() -> None:
     for m in a.models.split(","):
         for s in a.sizes.split(","):
             for comp in ([False, True] if a.compile else [False]):
-                c = bench_case(m, s, a.frames, a.runs, comp, not a.no_diffusers, peak)
+                c = bench_case(m, s, a.frames, a.runs, comp, not a.no_diffusers, peak, a.fp32_ref and not comp)
                 print(json.dumps(c), flush=True)
                 cases.append(c)
     res = {"gpu": gpu, "torch": torch.__version__, "matmul_tflops": round(peak, 1), "cases": cases}

@@ -39,7 +39,7 @@ def write_random(path: Path, model: str, seed: int = 0) -> None:
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
-        for name, t in meta.items():
+        for t in meta.values():
             fan = math.prod(t.shape[1:]) if t.dim() >= 2 else 1
             v = torch.randn(t.shape, generator=g, device=dev, dtype=torch.float32) / math.sqrt(fan)
             fh.write(v.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())

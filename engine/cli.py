@@ -71,6 +71,7 @@ class RunConfig:
     port: int = 7860
     queue_size: int = 8
     log_level: str = "INFO"
+    cli_keys: tuple[str, ...] = ()  # which fields the command line set (not a flag)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     for f in fields(RunConfig):
+        if f.name == "cli_keys":
+            continue
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         help_ = _HELP.get(f.name, "") + f" (default: {f.default})"
         if f.name in _BOOL_FLAGS:
@@ -150,4 +153,5 @@ def merge_config(preset: dict[str, Any] | None, cli: dict[str, Any]) -> RunConfi
     known = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in (preset or {}).items() if k in known}
     values.update(cli)
+    values["cli_keys"] = tuple(sorted(cli))
     return RunConfig(**values)

@@ -68,6 +68,7 @@ class ParallelState:
     dit_fsdp: bool = False
     t5_fsdp: bool = False
     use_context_parallel: bool = True
+    sp_backend: str = "native"
     startup_log: list[str] = field(default_factory=list)
     parallel_vae: bool = False
 
@@ -83,10 +84,11 @@ class ParallelState:
         )
 
 
-def apply_layout(pipe: WanPipeline, groups: LayoutGroups, kernel: Kernel) -> None:
+def apply_layout(pipe: WanPipeline, groups: LayoutGroups, kernel: Kernel, sp_backend: str = "native") -> None:
     """Point the DiT's token split, attention functions and the CFG strategy at this layout's groups."""
     dit: WanDiT = pipe.dit
     local = LocalAttention(kernel)
+    shards = None
     if groups.layout.sp > 1:
         shards = SequenceShards(groups)
         dit.tokens = shards
@@ -94,6 +96,10 @@ def apply_layout(pipe: WanPipeline, groups: LayoutGroups, kernel: Kernel) -> Non
     else:
         dit.tokens = LocalTokens()
         self_attn = local
+    if sp_backend == "xfuser":
+        from parallel.xfuser_backend import XfuserAttention
+
+        self_attn = XfuserAttention(groups, shards, self_attn, kernel.name, pipe.device)
     for block in dit.blocks:
         block.self_attn.attn_fn = self_attn
         block.cross_attn.attn_fn = local
@@ -187,8 +193,13 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, P
     pipe.offload_t5 = cfg.offload_model and not t5_fsdp and t5_device.type == "cuda"
     pipe.teacache_device = "cpu" if cfg.teacache_cache_device in ("cpu", "offload_device") else "gpu"
     pipe.teacache_agree = teacache_agreement(rt, pipe)
+    if cfg.sp_backend == "xfuser" and rt.device.type != "cuda":
+        from parallel.kernels import BackendUnavailable
+
+        raise BackendUnavailable("sp_backend xfuser has no CPU path (xDiT's attention calls CUDA kernels only); "
+                                 "use --sp_backend native")
     state = ParallelState(rt, info, kernel, MeshCache(rt.world_size, rt.rank), layout, dit_fsdp, t5_fsdp,
-                          cfg.use_context_parallel, notes, parallel_vae)
+                          cfg.use_context_parallel, cfg.sp_backend, notes, parallel_vae)
     context_parallel = layout.sp > 1
     notes.append(f"attention kernel: {kernel.name}; default layout: {layout}")
     notes.append(f"Setup complete: FSDP={str(dit_fsdp or t5_fsdp).lower()}, Context Parallel={str(context_parallel).lower()}")

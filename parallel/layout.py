@@ -179,7 +179,7 @@ class MeshCache:
                 parts.setdefault(tuple(c[i] for i in range(4) if i not in keep), []).append(r)
             mine = None
             for ranks in parts.values():
-                g = dist.new_group(ranks=ranks, backend=None) if len(ranks) > 1 else None
+                g = dist.new_group(ranks=ranks, backend=None)  # size-1 groups too (xDiT's attention needs them)
                 if self.rank in ranks:
                     mine = (g, tuple(ranks))
             return mine

@@ -119,7 +119,7 @@ class Server:
         """Run one request on this rank in lockstep with the others; decode (spread over the ranks) when
         opts["decode"]. The video ends up in `result.video` on rank 0."""
         layout = self.state.layout_for(req.ulysses_size, req.ring_size, req.cfg_size)
-        apply_layout(self.pipe, self.state.meshes.get(layout), self.state.kernel)
+        apply_layout(self.pipe, self.state.meshes.get(layout), self.state.kernel, self.state.sp_backend)
         hook = StepAgreement(self.rt, cancel, progress, opts.get("fault"))
         if self.rt.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.rt.device)
@@ -235,18 +235,41 @@ class Dispatcher:
         layout = self.server.state.layout_for(raw.get("ulysses_size"), raw.get("ring_size"), raw.get("cfg_size"))
         req = GenerationRequest(**{**req.to_dict(), "ulysses_size": layout.ulysses, "ring_size": layout.ring,
                                    "cfg_size": layout.cfg})
-        opts: dict = {"fault": fault} if fault else {}
+        opts: dict = {"decode": decode, **({"fault": fault} if fault else {})}
         with self._lock:
             self.busy = True
             self.cancel_event.clear()
             try:
                 self.server.rt.broadcast_object({"op": "generate", "request": req.to_dict(), "options": opts})
-                opts["decode"] = decode
                 result = self.server.execute(req, opts, self.cancel_event, progress)
                 return write_outputs(self.server, result, save_file, save_latents)
             finally:
                 self.busy = False
                 self.cancel_event.clear()
+
+
+def resolve_auto(cfg: RunConfig, rt: Runtime) -> RunConfig:
+    """`--preset auto`: memory settings from the smallest free GPU memory and the model size (flags win)."""
+    import math
+
+    from engine.factory import resolve_files
+    from engine.loading import build_dit, open_dit
+    from presets.auto import auto_settings, free_memory_gib
+
+    files = resolve_files(cfg)
+    _, dcfg = open_dit(files.dit)
+    dit_gib = sum(p.numel() for p in build_dit(dcfg).parameters()) * (2 if rt.device.type == "cuda" else 4) / 2**30
+    from engine.checkpoint import open_checkpoint
+
+    t5 = open_checkpoint(files.t5)
+    t5_gib = sum(math.prod(t5.shape(k)) for k in t5 if k != "spiece_model") * 2 / 2**30
+    free = min(rt.all_gather_object(free_memory_gib(rt.device)))
+    chosen = auto_settings(rt.world_size, free, dit_gib, t5_gib, dcfg.num_layers, dcfg.dim)
+    chosen = {k: v for k, v in chosen.items() if k not in cfg.cli_keys}
+    if rt.rank == 0:
+        log.info("preset auto: %.1f GiB free on the smallest GPU, DiT %.1f GiB, T5 %.1f GiB → %s",
+                 min(free, 1e6), dit_gib, t5_gib, chosen)
+    return cfg.replace(**chosen)
 
 
 def start_server(cfg: RunConfig) -> Server:
@@ -266,6 +289,14 @@ def start_server(cfg: RunConfig) -> Server:
             f"the preset/config asks for world_size {cfg.world_size} but {rt.world_size} process(es) are running: "
             f"start with ./launch.sh --nproc {cfg.world_size}, or change world_size to {rt.world_size}"
         )
-    pipe, state = build_parallel_pipeline(cfg, rt)
+    from engine.checkpoint import ModelFileError
+
+    try:
+        if cfg.preset == "auto":
+            cfg = resolve_auto(cfg, rt)
+        pipe, state = build_parallel_pipeline(cfg, rt)
+    except (ModelFileError, ValueError) as exc:  # bad files, layouts, backends: a message, not a traceback
+        shutdown_runtime(rt)
+        raise LaunchError(str(exc)) from exc
     rt.barrier()
     return Server(cfg, rt, pipe, state)

@@ -159,3 +159,16 @@ def test_preset_world_size_mismatch_names_both(tiny_model_dir):
                           env=gang_env(tiny_model_dir), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "the preset/config asks for world_size 8 but 1 process(es) are running" in proc.stderr
+
+
+def test_auto_preset_rule():
+    from presets.auto import auto_settings
+
+    big = auto_settings(8, 78.0, 26.6, 10.6, 40, 5120)
+    assert big == {"use_fsdp": False, "t5_cpu": False, "blocks_to_swap": 0, "offload_percent": 0.0, "vae_tiling": False}
+    four_small = auto_settings(4, 23.0, 26.6, 10.6, 40, 5120)
+    assert four_small["use_fsdp"] and four_small["blocks_to_swap"] == 0 and not four_small["t5_cpu"]
+    one_small = auto_settings(1, 23.0, 26.6, 10.6, 40, 5120)
+    assert one_small["t5_cpu"] and one_small["vae_tiling"] and one_small["blocks_to_swap"] == 27
+    tiny_card = auto_settings(1, 4.0, 26.6, 10.6, 40, 5120)
+    assert (tiny_card["blocks_to_swap"], tiny_card["offload_percent"]) == (40, 1.0)

@@ -129,3 +129,17 @@ def test_world_size_without_torchrun_explains_how_to_launch(tmp_path):
     assert proc.returncode == 2
     assert "WORLD_SIZE=8 is set but this process was not started by torchrun" in proc.stderr
     assert "./launch.sh --nproc 8" in proc.stderr
+
+
+def test_xfuser_backend_on_cpu_is_refused_with_a_message(tiny_model_dir):
+    proc = subprocess.run([sys.executable, "app.py", "--prompt", "x", "--sp_backend", "xfuser"], cwd=ROOT,
+                          env=gang_env(tiny_model_dir), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "sp_backend xfuser has no CPU path" in proc.stderr
+
+
+def test_unknown_attention_backend_names_the_package(tiny_model_dir):
+    from parallel.kernels import BackendUnavailable, get_kernel
+
+    with pytest.raises(BackendUnavailable, match="attention flash_attn_2 needs a CUDA GPU"):
+        get_kernel("flash_attn_2", __import__("torch").device("cpu"))
