@@ -141,7 +141,7 @@ def fp32_reference(model, x, t, ctx):
 
 @torch.no_grad()
 def bench_case(model_name: str, size: str, frames: int, runs: int, compile_: bool, with_diffusers: bool,
-               peak_tflops: float, fp32_ref: bool = False):
+               peak_tflops: float, fp32_ref: bool = False, profile: bool = False, compile_mode: str | None = None):
     cfg = DIT_CONFIGS[model_name]
     w, h = (int(v) for v in size.split("*"))
     ours = random_model(cfg)
@@ -153,7 +153,8 @@ def bench_case(model_name: str, size: str, frames: int, runs: int, compile_: boo
     if compile_:
         from parallel.speed import apply_compile
 
-        apply_compile(ours, "inductor")
+        apply_compile(ours, "inductor", compile_mode)
+        case["compile_mode"] = compile_mode or "default"
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     out = ours(x, t, ctx)
@@ -162,6 +163,14 @@ def bench_case(model_name: str, size: str, frames: int, runs: int, compile_: boo
     ms = time_cuda(lambda: ours(x, t, ctx), runs)
     case.update(ours_ms=round(ms, 1), ours_tflops=round(flops / ms / 1e9, 1), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                 ours_pct_of_matmul_peak=round(100 * flops / ms / 1e9 / peak_tflops, 1))
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            ours(x, t, ctx)
+            torch.cuda.synchronize()
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
     if with_diffusers:
         ref = diffusers_alias(ours, cfg)
         if compile_:
@@ -191,6 +200,8 @@ def main() -> None:
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--fp32-ref", action="store_true", help="also compare with a float32 evaluation (slow)")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward of ours")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for ours (e.g. max-autotune-no-cudagraphs)")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     gpu = torch.cuda.get_device_name()
@@ -200,7 +211,8 @@ def main() -> None:
     for m in a.models.split(","):
         for s in a.sizes.split(","):
             for comp in ([False, True] if a.compile else [False]):
-                c = bench_case(m, s, a.frames, a.runs, comp, not a.no_diffusers, peak, a.fp32_ref and not comp)
+                c = bench_case(m, s, a.frames, a.runs, comp, not a.no_diffusers, peak, a.fp32_ref and not comp,
+                               a.profile, a.compile_mode)
                 print(json.dumps(c), flush=True)
                 cases.append(c)
     res = {"gpu": gpu, "torch": torch.__version__, "matmul_tflops": round(peak, 1), "cases": cases}

@@ -56,9 +56,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)  # fused; fp32 accumulation
 
 
 class LayerNormAffine(nn.Module):
@@ -84,26 +82,27 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> Tensor:
-    """cos/sin of every token's rotation angles → (L, head_dim/2, 2) float32, tokens in (f, h, w) order."""
+    """Rotation table of every token, tokens in (f, h, w) order → (L, 2, head_dim) float32: row 0 is cos and
+    row 1 is ±sin per channel, so that rope(x) = x·cos + pairswap(x)·(±sin) rotates pairs (x[2j], x[2j+1])."""
     f, h, w = grid
     angles = []
     for n, axis_dim, shape in zip((f, h, w), rope_axis_dims(head_dim), ((f, 1, 1), (1, h, 1), (1, 1, w))):
         inv = 1.0 / torch.pow(10000.0, torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
         a = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv)  # (n, axis_dim/2)
         angles.append(a.view(*shape, -1).expand(f, h, w, -1))
-    ang = torch.cat(angles, dim=-1).reshape(f * h * w, head_dim // 2)  # (L, 64)
-    return torch.stack([ang.cos(), ang.sin()], dim=-1).float()  # (L, 64, 2)
+    ang = torch.cat(angles, dim=-1).reshape(f * h * w, head_dim // 2)  # (L, 64), float64
+    cos = ang.cos().repeat_interleave(2, dim=-1)  # (L, 128): cos_j at channels 2j and 2j+1
+    sin = torch.stack([-ang.sin(), ang.sin()], dim=-1).flatten(1)  # (L, 128): -sin_j at 2j, +sin_j at 2j+1
+    return torch.stack([cos, sin], dim=1).float()  # (L, 2, 128)
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs of x (B, L, H, D) by table (L, D/2, 2); float32 math, x's dtype out."""
+    """Rotate adjacent channel pairs of x (B, L, H, D) by table (L, 2, D), float32 math, x's dtype out."""
     b, s, n, d = x.shape
-    xp = x.float().view(b, s, n, d // 2, 2)  # (B, L, H, D/2, 2)
-    cos = table[None, :, None, :, 0]  # (1, L, 1, D/2)
-    sin = table[None, :, None, :, 1]
-    x0, x1 = xp[..., 0], xp[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, L, H, D/2, 2)
-    return out.flatten(3).to(x.dtype)
+    cos = table[None, :, None, 0]  # (1, L, 1, D)
+    sin = table[None, :, None, 1]
+    swapped = x.view(b, s, n, d // 2, 2).flip(-1).view(b, s, n, d)  # (x1, x0) per pair
+    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,11 +151,28 @@ class WanBlock(nn.Module):
         dtype = self.ffn[0].weight.dtype
         mod = self.modulation.float() + e0  # (B, 6, dim) float32
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unsqueeze(2).unbind(1)  # each (B, 1, dim)
-        h = layer_norm_fp32(x, self.eps) * (1 + scale_sa) + shift_sa
-        x = x + self.self_attn(h.to(dtype), rope=rope).float() * gate_sa
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context=context).float()
-        h = layer_norm_fp32(x, self.eps) * (1 + scale_ff) + shift_ff
-        return x + self.ffn(h.to(dtype)).float() * gate_ff
+        y = self.self_attn(modulate(x, shift_sa, scale_sa, self.eps, dtype), rope=rope)
+        x = torch.addcmul(x, y, gate_sa)  # fp32 residual += attn · gate
+        x = torch.add(x, self.cross_attn(self.norm3(x).to(dtype), context=context))
+        y = self.feed_forward(modulate(x, shift_ff, scale_ff, self.eps, dtype))
+        return torch.addcmul(x, y, gate_ff)
+
+    def feed_forward(self, h: Tensor) -> Tensor:
+        """Linear → GELU(tanh) → Linear; on CUDA the GELU runs in the first GEMM's epilogue (cuBLASLt)."""
+        fc1, fc2 = self.ffn[0], self.ffn[2]
+        if h.is_cuda:
+            flat = torch._addmm_activation(fc1.bias, h.reshape(-1, h.shape[-1]), fc1.weight.t(), use_gelu=True)
+            hidden = flat.view(*h.shape[:-1], -1)  # (B, L, ffn)
+        else:
+            hidden = F.gelu(fc1(h), approximate="tanh")
+        return fc2(hidden)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """LayerNorm(x)·(1 + scale) + shift in float32, written once in the matmul dtype."""
+    h = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    return torch.addcmul(shift, h, 1 + scale, out=out)
 
 
 class Head(nn.Module):
@@ -170,8 +186,7 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)  # each (B, 1, dim)
-        h = layer_norm_fp32(x, self.eps) * (1 + scale) + shift
-        return self.head(h.to(self.head.weight.dtype)).float()
+        return self.head(modulate(x, shift, scale, self.eps, self.head.weight.dtype)).float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,7 +242,7 @@ class WanDiT(nn.Module):
         return self.head.head.weight.dtype
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> Tensor:
-        """The (L, 64, 2) RoPE table for a latent grid, cached per grid and device."""
+        """The (L, 2, 128) RoPE table for a latent grid, cached per grid and device."""
         key = (grid, str(device))
         if key not in self._rope_cache:
             self._rope_cache[key] = rope_table(grid, self.cfg.head_dim, device)
@@ -252,7 +267,8 @@ class WanDiT(nn.Module):
         # 1. patchify: (B, C, F', H', W') → (B, L, dim), tokens in (frame, row, col) order
         b, _, f, h, w = x.shape
         grid = (f // PATCH[0], h // PATCH[1], w // PATCH[2])
-        tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # (B, L, dim)
+        tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2)  # (B, L, dim)
+        tokens = tokens.to(torch.float32, memory_format=torch.contiguous_format)  # the fp32 residual stream
         # 2. conditions: timestep embeddings (fp32) and text embedding
         e, e0 = self.time_embed(t)
         ctx = self.embed_text(context)

@@ -85,9 +85,10 @@ def test_official_param_counts():
 
 
 def test_rope_table_uses_per_axis_ladders_and_token_order():
-    tab = rope_table((3, 4, 5), 128, torch.device("cpu"))  # (L, 64, 2)
-    assert tab.shape == (60, 64, 2)
-    ang = torch.atan2(tab[..., 1], tab[..., 0]).double()
+    tab = rope_table((3, 4, 5), 128, torch.device("cpu"))  # (L, 2, 128): cos, ±sin per channel
+    assert tab.shape == (60, 2, 128)
+    assert torch.equal(tab[:, 0, 0::2], tab[:, 0, 1::2]) and torch.equal(tab[:, 1, 0::2], -tab[:, 1, 1::2])
+    ang = torch.atan2(tab[:, 1, 1::2], tab[:, 0, 0::2]).double()  # (L, 64)
     # token (f=2, h=0, w=0): only the 22 time slots rotate, slot 1 at 2 * 10000^(-2/44)
     tok = 2 * 20
     assert torch.allclose(ang[tok, 1], torch.tensor(2 * 10000 ** (-2 / 44), dtype=torch.float64), atol=1e-6)
