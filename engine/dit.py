@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from engine.attention import dense_attention
 from engine.config import PATCH, DiTConfig
+from engine.fused import affine_norm, gated_residual, modulate, rms_norm_rope
 
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -40,15 +41,9 @@ def linear_fp32(x: Tensor, layer: nn.Linear) -> Tensor:
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
-def layer_norm_fp32(x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """LayerNorm over the last dim in float32."""
-    w = None if weight is None else weight.float()
-    b = None if bias is None else bias.float()
-    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
-
-
 class RMSNorm(nn.Module):
-    """RMS norm over the last dim, computed in float32, output in the input's dtype."""
+    """RMS norm over the last dim (fp32 statistics), output in the input's dtype. The attention fuses it
+    with RoPE (engine.fused.rms_norm_rope); this module holds the weight under its official name."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -56,7 +51,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)  # fused; fp32 accumulation
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class LayerNormAffine(nn.Module):
@@ -69,7 +64,7 @@ class LayerNormAffine(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return layer_norm_fp32(x, self.eps, self.weight, self.bias)
+        return affine_norm(x, self.weight, self.bias, self.eps, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,15 +91,6 @@ def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device) 
     return torch.stack([cos, sin], dim=1).float()  # (L, 2, 128)
 
 
-def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs of x (B, L, H, D) by table (L, 2, D), float32 math, x's dtype out."""
-    b, s, n, d = x.shape
-    cos = table[None, :, None, 0]  # (1, L, 1, D)
-    sin = table[None, :, None, 1]
-    swapped = x.view(b, s, n, d // 2, 2).flip(-1).view(b, s, n, d)  # (x1, x0) per pair
-    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------
 # attention and blocks
 # ----------------------------------------------------------------------------------------------------
@@ -124,13 +110,10 @@ class WanAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None) -> Tensor:
         src = x if context is None else context
-        b, s, _ = x.shape
         n = self.num_heads
-        q = self.norm_q(self.q(x)).view(b, s, n, -1)  # (B, L, heads, head_dim)
-        k = self.norm_k(self.k(src)).view(b, src.shape[1], n, -1)  # (B, Lk, heads, head_dim)
-        v = self.v(src).view(b, src.shape[1], n, -1)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q = rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, rope, n)  # (B, L, heads, head_dim)
+        k = rms_norm_rope(self.k(src), self.norm_k.weight, self.norm_k.eps, rope, n)  # (B, Lk, heads, head_dim)
+        v = self.v(src).unflatten(-1, (n, -1))  # (B, Lk, heads, head_dim)
         out = self.attn_fn(q, k, v)  # (B, L, heads, head_dim)
         return self.o(out.flatten(2))
 
@@ -152,10 +135,11 @@ class WanBlock(nn.Module):
         mod = self.modulation.float() + e0  # (B, 6, dim) float32
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unsqueeze(2).unbind(1)  # each (B, 1, dim)
         y = self.self_attn(modulate(x, shift_sa, scale_sa, self.eps, dtype), rope=rope)
-        x = torch.addcmul(x, y, gate_sa)  # fp32 residual += attn · gate
-        x = torch.add(x, self.cross_attn(self.norm3(x).to(dtype), context=context))
+        x = gated_residual(x, y, gate_sa)  # fp32 residual += attn · gate
+        h = affine_norm(x, self.norm3.weight, self.norm3.bias, self.eps, dtype)
+        x = torch.add(x, self.cross_attn(h, context=context))
         y = self.feed_forward(modulate(x, shift_ff, scale_ff, self.eps, dtype))
-        return torch.addcmul(x, y, gate_ff)
+        return gated_residual(x, y, gate_ff)
 
     def feed_forward(self, h: Tensor) -> Tensor:
         """Linear → GELU(tanh) → Linear; on CUDA the GELU runs in the first GEMM's epilogue (cuBLASLt)."""
@@ -166,13 +150,6 @@ class WanBlock(nn.Module):
         else:
             hidden = F.gelu(fc1(h), approximate="tanh")
         return fc2(hidden)
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    """LayerNorm(x)·(1 + scale) + shift in float32, written once in the matmul dtype."""
-    h = F.layer_norm(x, (x.shape[-1],), eps=eps)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    return torch.addcmul(shift, h, 1 + scale, out=out)
 
 
 class Head(nn.Module):

@@ -1,0 +1,140 @@
+"""The DiT's elementwise hot path as single-pass kernels: one read and one write per tensor instead of
+the 3-10 passes the plain torch ops take. Triton kernels on CUDA; the same math in torch elsewhere
+(and in Triton's interpreter on the CPU for the tests: WAN_FUSED=interpret with TRITON_INTERPRET=1).
+
+  modulate(x, shift, scale)            LayerNorm(x)·(1 + scale) + shift, fp32 in → matmul dtype out
+  rms_norm_rope(x, weight, table, n)   RMSNorm over the full dim, then 3D RoPE per head → (B, L, n, 128)
+  gated_residual(x, y, gate)           x + y·gate in fp32
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def use_triton(x: Tensor) -> bool:
+    """Triton on CUDA tensors (unless WAN_FUSED=0); on CPU only in interpreter mode (tests)."""
+    mode = os.environ.get("WAN_FUSED", "1")
+    if not _HAS_TRITON or mode == "0":
+        return False
+    return x.is_cuda or mode == "interpret"
+
+
+if _HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, rows_per_batch, mod_stride, dim, eps,
+                         ONE_PLUS: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < dim
+        x = tl.load(x_ptr + row.to(tl.int64) * dim + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / dim
+        diff = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(diff * diff, axis=0) / dim + eps)
+        b = row // rows_per_batch
+        sc = tl.load(scale_ptr + b * mod_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + b * mod_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        y = diff * rstd * ((1.0 + sc) if ONE_PLUS else sc) + sh
+        tl.store(out_ptr + row.to(tl.int64) * dim + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rms_rope_kernel(x_ptr, w_ptr, tab_ptr, out_ptr, tokens, dim, eps, HEAD: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < dim
+        base = row.to(tl.int64) * dim
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / dim + eps)
+        pair = offs ^ 1
+        xs = tl.load(x_ptr + base + pair, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        ws = tl.load(w_ptr + pair, mask=mask, other=0.0).to(tl.float32)
+        d = offs % HEAD
+        tok = (row % tokens).to(tl.int64)
+        cos = tl.load(tab_ptr + tok * 2 * HEAD + d, mask=mask, other=0.0)
+        sin = tl.load(tab_ptr + tok * 2 * HEAD + HEAD + d, mask=mask, other=0.0)
+        y = (x * rstd * w) * cos + (xs * rstd * ws) * sin
+        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, rows_per_batch, dim, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = col < dim
+        base = row.to(tl.int64) * dim
+        x = tl.load(x_ptr + base + col, mask=mask, other=0.0)
+        y = tl.load(y_ptr + base + col, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + (row // rows_per_batch) * dim + col, mask=mask, other=0.0)
+        tl.store(out_ptr + base + col, x + y * g, mask=mask)
+
+
+def _block(dim: int) -> int:
+    return 1 << (dim - 1).bit_length()
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """LayerNorm(x)·(1 + scale) + shift: x (B, L, D) fp32, shift/scale (B or 1, 1, D) fp32 → (B, L, D) dtype."""
+    if not use_triton(x):
+        h = F.layer_norm(x, (x.shape[-1],), eps=eps)
+        return torch.addcmul(shift, h, 1 + scale, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+    b, n, d = x.shape
+    x = x.contiguous()
+    shift, scale = shift.float().contiguous(), scale.float().contiguous()
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    stride = d if shift.shape[0] > 1 else 0  # per-batch vectors, or one shared vector (affine LayerNorm)
+    _modulate_kernel[(b * n,)](x, shift, scale, out, n, stride, d, eps, ONE_PLUS=True, BLOCK=_block(d), num_warps=16)
+    return out
+
+
+def affine_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """LayerNorm(x)·weight + bias (norm3 before cross-attention): fp32 in → matmul dtype out."""
+    if not use_triton(x):
+        return F.layer_norm(x, (x.shape[-1],), weight.float(), bias.float(), eps).to(dtype)
+    b, n, d = x.shape
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    _modulate_kernel[(b * n,)](x, bias.float().contiguous(), weight.float().contiguous(), out, n, 0, d, eps,
+                               ONE_PLUS=False, BLOCK=_block(d), num_warps=16)
+    return out
+
+
+def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, table: Tensor | None, heads: int) -> Tensor:
+    """RMSNorm over the full dim (fp32 statistics) then RoPE per head: x (B, L, D) → (B, L, heads, D/heads).
+
+    table (L, 2, head_dim): cos and ±sin per channel (engine.dit.rope_table); None = no rotation.
+    """
+    b, n, d = x.shape
+    if table is None or not use_triton(x):
+        y = F.rms_norm(x, (d,), weight.to(x.dtype), eps).view(b, n, heads, d // heads)
+        if table is None:
+            return y
+        cos, sin = table[None, :, None, 0], table[None, :, None, 1]  # (1, L, 1, head_dim)
+        swapped = y.view(b, n, heads, -1, 2).flip(-1).view(b, n, heads, d // heads)  # (x1, x0) per pair
+        return torch.addcmul(y * cos, swapped, sin).to(x.dtype)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _rms_rope_kernel[(b * n,)](x, weight.contiguous(), table.float().contiguous(), out, n, d, eps,
+                               HEAD=d // heads, BLOCK=_block(d), num_warps=16)
+    return out.view(b, n, heads, d // heads)
+
+
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """x + y·gate in fp32: x (B, L, D) fp32, y (B, L, D) any dtype, gate (B, 1, D) fp32."""
+    if not use_triton(x):
+        return torch.addcmul(x, y, gate)
+    b, n, d = x.shape
+    x, y, gate = x.contiguous(), y.contiguous(), gate.float().contiguous()
+    out = torch.empty_like(x)
+    blk = 1024
+    _gated_residual_kernel[(b * n, triton.cdiv(d, blk))](x, y, gate, out, n, d, BLOCK=blk, num_warps=4)
+    return out
