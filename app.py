@@ -7,7 +7,10 @@ about ranks goes through parallel/serve.py.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import sys
+from pathlib import Path
 
 from engine.cli import RunConfig, cli_overrides, merge_config
 from engine.request import RequestError
@@ -19,7 +22,7 @@ def load_config(argv: list[str] | None) -> RunConfig:
     """defaults < preset < CLI."""
     cli = cli_overrides(argv)
     preset = None
-    if cli.get("preset"):
+    if cli.get("preset") and cli["preset"] != "auto":  # auto is resolved once the GPUs are known
         from presets import load_preset
 
         preset = load_preset(cli["preset"])
@@ -36,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(argv)
-    except (ValueError, FileNotFoundError) as exc:
+        if cfg.prompt is None:
+            parse_auth(cfg)  # a bad --auth / --auth_file stops every rank before the models load
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from parallel.serve import start_server
@@ -50,14 +55,63 @@ def main(argv: list[str] | None = None) -> int:
         if server.is_rank0 and cfg.prompt is not None:
             return headless(server, cfg)
         if server.is_rank0:
-            from ui import serve_ui
-
             serve_ui(server, cfg)
             return 0
         server.worker_loop()
         return 0
     finally:
         server.shutdown()
+
+
+def parse_auth(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Logins from --auth user:pass[,user:pass] and --auth_file (one user:pass a line; # comments)."""
+    entries = [("--auth", item) for item in (cfg.auth or "").split(",") if item.strip()]
+    if cfg.auth_file:
+        lines = Path(cfg.auth_file).read_text(encoding="utf-8").splitlines()
+        entries += [(f"--auth_file line {i}", ln) for i, ln in enumerate(lines, 1) if ln.strip() and not ln.startswith("#")]
+    logins = []
+    for where, item in entries:
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"{where}: expected user:password, got {item.strip()[:40]!r}")
+        logins.append((user, password))
+    return logins
+
+
+def resolve_auth(cfg: RunConfig) -> list[tuple[str, str]] | None:
+    """The logins the UI requires; a share link always gets one (a random password, printed, if none given)."""
+    logins = parse_auth(cfg)
+    if cfg.share and not logins:
+        logins = [("wan", secrets.token_urlsafe(12))]
+        print(f"--share without --auth: log in with user 'wan' and password '{logins[0][1]}'", flush=True)
+        log.warning("share link: a random password was generated and printed on the terminal")
+    if not logins and cfg.listen not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without --auth: anyone who can reach this port can use the GPUs", cfg.listen)
+    return logins or None
+
+
+def _gradio_env(cfg: RunConfig) -> None:
+    """Keep Gradio's file cache inside outputs_dir (nothing written or served elsewhere); no telemetry.
+    Set before gradio is imported: some of its modules read these at import time."""
+    os.environ["GRADIO_TEMP_DIR"] = str(Path(cfg.outputs_dir).resolve() / ".gradio-cache")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+
+def build_ui(server, cfg: RunConfig):
+    """The Gradio Blocks of the web UI (rank 0 only: the first import of gradio happens here)."""
+    _gradio_env(cfg)
+    import ui
+
+    return ui.build_ui(server, cfg)
+
+
+def serve_ui(server, cfg: RunConfig) -> None:
+    """Serve the UI until stopped (Ctrl-C)."""
+    auth = resolve_auth(cfg)
+    _gradio_env(cfg)
+    import ui
+
+    ui.serve_ui(server, cfg, auth)
 
 
 def headless(server, cfg: RunConfig) -> int:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from engine.loading import load_dit
-from engine.pipeline import WanPipeline
 from engine.request import GenerationRequest
 from engine.tiny import DIT_FILE
 from parallel.offload import apply_offload, plan_offload

@@ -1,0 +1,206 @@
+"""The web page in a real browser: Debian's Chromium driven by Playwright, against the real app (tiny model,
+CPU). Screenshots go to test-artifacts/. If Chromium cannot start, these tests fail: they never skip."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.ui_server import ROOT, SMALL, running_app
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = ROOT / "test-artifacts"
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import Error, sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
+                    "the browser tests need it")
+    with sync_playwright() as p:
+        try:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        except Error as exc:
+            pytest.fail(f"Chromium at {CHROMIUM} did not start: {exc}")
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    with running_app(tmp_path_factory.mktemp("browser"), tiny_model_dir, "--queue_size", "1") as running:
+        yield running
+
+
+@pytest.fixture
+def page(browser, request):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1500})
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    ARTIFACTS.mkdir(exist_ok=True)
+    yield pg
+    pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    ctx.close()
+
+
+def open_page(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    page.wait_for_function("document.querySelector('#history') !== null")
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into a slider's / number box's input and commit it."""
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+
+
+def set_size(page, size: str) -> None:
+    box = page.locator("#size input").first
+    box.click()
+    page.get_by_role("option", name=size, exact=True).click()
+
+
+def fill_small_request(page, prompt: str, steps: int = SMALL["sample_steps"]) -> None:
+    page.locator("#prompt textarea").fill(prompt)
+    set_size(page, SMALL["size"])
+    set_number(page, "frames", SMALL["frame_num"])
+    set_number(page, "steps", steps)
+
+
+def status_text(page) -> str:
+    return page.locator("#status").inner_text()
+
+
+def wait_status(page, pattern: str, timeout_ms: int = TIMEOUT_MS) -> str:
+    page.wait_for_function(
+        "([p]) => new RegExp(p).test(document.querySelector('#status').innerText)", arg=[pattern], timeout=timeout_ms)
+    return status_text(page)
+
+
+def playable_video(page) -> dict:
+    """Wait until the result <video> has a source the browser decoded (metadata + a frame), return its state."""
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#result-video video');"
+        " return v && v.currentSrc && v.readyState >= 2 && v.videoWidth > 0 && !v.error; }")
+    return page.evaluate(
+        "() => { const v = document.querySelector('#result-video video');"
+        " return {src: v.currentSrc, width: v.videoWidth, height: v.videoHeight, duration: v.duration}; }")
+
+
+def test_generate_from_the_browser_shows_progress_and_plays_the_video(page, app):
+    open_page(page, app.url)
+    assert "RANDOM weights" in page.locator("#random-weights-banner").inner_text()
+    fill_small_request(page, "a lighthouse at dawn", steps=8)
+    page.click("#generate")
+    progress = wait_status(page, r"step \d+/8 · [\d.]+ s/step · ETA")
+    assert re.search(r"step \d+/8", progress)
+    done = wait_status(page, "^Done")
+    video = playable_video(page)
+    assert (video["width"], video["height"]) == (208, 144) and video["duration"] > 0
+    assert "/gradio_api/file=" in video["src"] and video["src"].endswith(".mp4")
+    seed = re.search(r"seed (\d+)", done).group(1)
+    assert page.locator("#seed-used textarea, #seed-used input").first.input_value() == seed
+    mp4 = next(p for p in app.videos() if f"_s{seed}_" in p.name)
+    assert Path(video["src"]).name == mp4.name  # the file shown is the one written to outputs_dir
+    page.get_by_role("tab", name="History").click()  # the gallery has it after the run, and after a reload
+    page.wait_for_function("document.querySelectorAll('#history video, #history img').length >= 1")
+    open_page(page, app.url)
+    page.wait_for_function("document.querySelectorAll('#history video, #history img').length >= 1")
+    page.locator("#history .thumbnail-item").first.click()  # picking it shows it again
+    page.wait_for_function(f"() => document.querySelector('#seed-used textarea, #seed-used input').value === '{seed}'")
+    assert Path(playable_video(page)["src"]).name == mp4.name
+
+
+def test_preset_changes_the_controls_and_says_how_to_apply_start_up_settings(page, app):
+    open_page(page, app.url)
+    teacache = page.locator("#teacache input[type=number]").first
+    assert float(teacache.input_value()) == 0.0
+    page.locator("#preset input").first.click()
+    page.get_by_role("option", name="balanced", exact=True).click()
+    page.wait_for_function("() => parseFloat(document.querySelector('#teacache input[type=number]').value) === 0.2")
+    note = page.locator("#preset-note").inner_text()
+    assert "./launch.sh --preset balanced" in note and "offload_percent = 0.5" in note
+    page.locator("#preset input").first.click()
+    page.get_by_role("option", name="8gpu_distributed", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#preset-note').innerText.includes('--nproc 8')")
+    assert "made for 8 ranks" in page.locator("#preset-note").inner_text()
+    assert page.locator("#layout input").first.input_value() == "ulysses 1 × ring 1"  # 2×4 does not fit 1 rank
+
+
+def test_cancel_stops_a_long_run_and_the_next_run_works(page, app):
+    open_page(page, app.url)
+    fill_small_request(page, "a very long film", steps=200)
+    page.click("#generate")
+    wait_status(page, r"step \d+/200 · ")
+    page.click("#cancel")
+    cancelled = wait_status(page, "^Cancelled at step")
+    at = int(re.search(r"Cancelled at step (\d+) of 200", cancelled).group(1))
+    assert 0 < at < 200
+    page.wait_for_function("() => document.querySelector('#cancel').disabled")
+    set_number(page, "steps", 2)
+    page.click("#generate")
+    wait_status(page, "^Done")
+    assert playable_video(page)["width"] == 208
+
+
+def test_waiting_request_shows_its_queue_position_and_a_full_queue_says_busy(page, app):
+    """queue_size 1: with one request running, a page's request waits and shows its place in the queue; the
+    next page is told the app is busy."""
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    running = Client(app.url, verbose=False, download_files=False).submit(
+        prompt="running", api_name="/generate", **{**SMALL, "sample_steps": 10})
+    deadline = time.monotonic() + 60
+    while running.status().code not in (Status.PROCESSING, Status.PROGRESS, Status.ITERATING):
+        assert time.monotonic() < deadline, running.status()
+        time.sleep(0.1)
+    open_page(page, app.url)
+    fill_small_request(page, "waits its turn")
+    page.click("#generate")
+    page.locator("#result-video").get_by_text(re.compile(r"queue: 1/1")).wait_for(timeout=30_000)
+    second = page.context.new_page()
+    open_page(second, app.url)
+    second.locator("#prompt textarea").fill("one too many")
+    second.click("#generate")
+    second.get_by_text(re.compile("currently busy", re.I)).first.wait_for(timeout=30_000)
+    second.screenshot(path=str(ARTIFACTS / "busy.png"), full_page=True)
+    assert "Done" in running.result(timeout=120)[4]
+    wait_status(page, "^Done")  # the waiting request ran after all
+
+
+def test_two_rank_gang_serves_the_page_and_generates(browser, tmp_path, tiny_model_dir):
+    """./launch.sh --nproc 2 (torchrun, gloo on CPU): rank 0's page generates with Ulysses over both ranks."""
+    with running_app(tmp_path, tiny_model_dir, nproc=2) as gang:
+        ctx = browser.new_context(viewport={"width": 1400, "height": 1500})
+        page = ctx.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            open_page(page, gang.url)
+            assert "2 rank(s)" in page.locator("h2").first.inner_text()
+            assert page.locator("#layout input").first.input_value() == "ulysses 2 × ring 1"
+            fill_small_request(page, "two ranks, one video")
+            page.click("#generate")
+            wait_status(page, "^Done")
+            assert playable_video(page)["width"] == 208
+            page.get_by_role("tab", name="Cluster").click()
+            page.wait_for_function("document.querySelectorAll('#cluster .wan-mem').length === 2")
+            cluster = page.locator("#cluster").inner_text()
+            assert "rank 1 · cpu" in cluster and "Setup complete: FSDP=false, Context Parallel=true" in cluster
+        finally:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "test_two_rank_gang_serves_the_page_and_generates.png"),
+                            full_page=True)
+            ctx.close()
+        assert "Initialized distributed environment with 2 processes" in gang.log(200_000)
