@@ -118,7 +118,7 @@ def cluster_html(server) -> str:
     note = "peak of the last request, every rank"
     if not memory:
         memory = [memory_report(server.rt)]
-        note = "rank 0 now; every rank reports after each request"
+        note = "rank 0 now"
     facts = [
         ("world size", f"{st.rt.world_size} rank(s) on {max(1, st.rt.nnodes)} node(s)"),
         ("model", f"{info.key} · {info.num_layers} layers · {info.num_heads} heads · {str(info.dtype).replace('torch.', '')}"),
@@ -496,6 +496,7 @@ def serve_ui(server, cfg: RunConfig, auth: list[tuple[str, str]] | None = None) 
 
     outputs = Path(cfg.outputs_dir).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
+    server.dispatcher.memory()  # every rank's device and memory for the cluster panel from the start
     demo = build_ui(server, cfg)
     demo.queue(default_concurrency_limit=1, max_size=cfg.queue_size, api_open=False)
     demo.launch(

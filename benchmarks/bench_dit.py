@@ -58,16 +58,16 @@ def time_cuda(fn, runs: int, warmup: int = 1) -> float:
 
 
 @torch.no_grad()
-def random_model(cfg: DiTConfig, seed: int = 0):
-    """Our DiT with random bf16 weights made directly on the GPU."""
-    m = build_dit(cfg).to_empty(device="cuda")
-    g = torch.Generator("cuda").manual_seed(seed)
+def random_model(cfg: DiTConfig, seed: int = 0, device: str = "cuda"):
+    """Our DiT with random weights made directly on the device (bf16 on the GPU)."""
+    m = build_dit(cfg).to_empty(device=device)
+    g = torch.Generator(device).manual_seed(seed)
     for name, p in m.named_parameters():
         fan = math.prod(p.shape[1:]) if p.dim() >= 2 and "modulation" not in name else 1
         scale = 0.1 if fan == 1 else 1 / math.sqrt(fan)
         base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-        p.copy_(base + scale * torch.randn(p.shape, generator=g, device="cuda"))
-    return m.to(torch.bfloat16).eval().requires_grad_(False)
+        p.copy_(base + scale * torch.randn(p.shape, generator=g, device=device))
+    return m.to(torch.bfloat16 if device == "cuda" else torch.float32).eval().requires_grad_(False)
 
 
 def diffusers_alias(ours, cfg: DiTConfig):

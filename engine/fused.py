@@ -22,8 +22,8 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 def use_triton(x: Tensor) -> bool:
     """Triton on CUDA tensors (unless WAN_FUSED=0); on CPU only in interpreter mode (tests)."""
     mode = os.environ.get("WAN_FUSED", "1")
-    if not _HAS_TRITON or mode == "0":
-        return False
+    if not _HAS_TRITON or mode == "0" or torch.compiler.is_compiling():
+        return False  # under torch.compile inductor fuses the plain ops itself (and across them)
     return x.is_cuda or mode == "interpret"
 
 

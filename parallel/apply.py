@@ -148,7 +148,7 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
 
 def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, ParallelState]:
     """Every rank: find files, load the models (sharded where asked), pick the kernel and default layout."""
-    notes: list[str] = []
+    notes: list[str] = [f"Initialized distributed environment with {rt.world_size} processes"] if rt.distributed else []
     files = resolve_files(cfg)
     dtype = resolve_dtype(cfg.dtype, rt.device)
     dit_fsdp = cfg.dit_fsdp or cfg.use_fsdp
@@ -204,6 +204,6 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, P
     notes.append(f"attention kernel: {kernel.name}; default layout: {layout}")
     notes.append(f"Setup complete: FSDP={str(dit_fsdp or t5_fsdp).lower()}, Context Parallel={str(context_parallel).lower()}")
     if rt.rank == 0:
-        for line in notes:
+        for line in notes[1 if rt.distributed else 0 :]:  # the first line was logged by the runtime
             log.info(line)
     return pipe, state

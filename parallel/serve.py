@@ -184,7 +184,7 @@ class Server:
                 except (Cancelled, RankFailed) as exc:
                     log.info("rank %d: request ended: %s", self.rt.rank, exc)
             elif op == "probe":
-                self.rt.all_gather_object({"rank": self.rt.rank, "ok": True, "t": time.time()})
+                self.rt.all_gather_object(memory_report(self.rt))
 
     def shutdown(self) -> None:
         """Rank 0 tells the workers to exit; every rank tears its groups down."""
@@ -220,6 +220,15 @@ class Dispatcher:
         except LayoutError as exc:
             raise RequestError("layout", str(exc)) from None
         return req
+
+    def memory(self) -> list[dict[str, Any]]:
+        """Every rank's device and memory now (a probe through every rank; serialised with requests)."""
+        with self._lock:
+            self.server.rt.broadcast_object({"op": "probe"})
+            mem = self.server.rt.all_gather_object(memory_report(self.server.rt))
+            self.server.last_memory = [{**m, "peak_gib": old.get("peak_gib", m["peak_gib"])}
+                                       for m, old in zip(mem, self.server.last_memory or mem)]
+            return mem
 
     def cancel(self) -> None:
         """Stop the running request at the next step boundary on every rank."""
