@@ -10,6 +10,7 @@ Times are CUDA-event medians after warm-up; TFLOP/s use the model-FLOPs formula 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -215,6 +216,9 @@ def main() -> None:
                                a.profile, a.compile_mode)
                 print(json.dumps(c), flush=True)
                 cases.append(c)
+                torch._dynamo.reset()  # compiled code holds the models: let them go before the next case
+                gc.collect()
+                torch.cuda.empty_cache()
     res = {"gpu": gpu, "torch": torch.__version__, "matmul_tflops": round(peak, 1), "cases": cases}
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

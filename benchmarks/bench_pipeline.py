@@ -76,6 +76,11 @@ def gib() -> float:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0
 
 
+def save(res: dict, out: str | None) -> None:
+    if out:
+        Path(out).write_text(json.dumps(res, indent=1))
+
+
 def reset() -> None:
     if DEV == "cuda":
         torch.cuda.empty_cache()
@@ -111,15 +116,8 @@ def main() -> None:
     res["pipeline"] = {"total_s": round(time.perf_counter() - t0, 1), **r.timings, "dit_forwards": r.dit_forwards,
                        "peak_gib": gib()}
     print("pipeline", res["pipeline"], flush=True)
-    reset()
-    t0 = time.perf_counter()
-    r = pipe.generate(GenerationRequest(**{**req.to_dict(), "teacache": a.teacache}), decode=False)
-    res["teacache"] = {"threshold": a.teacache, "denoise_s": r.timings["denoise_s"], "dit_forwards": r.dit_forwards,
-                       "skipped": len(r.info["skipped_steps"]), "peak_gib": gib(),
-                       "note": "random weights: TeaCache decides from how far the timestep embedding moves between "
-                               "steps, which random weights do not reproduce; the count does not predict trained weights"}
-    print("teacache", res["teacache"], flush=True)
-    del pipe, dit, te
+    save(res, a.out)
+    te.to("cpu")  # room for the 720p decode; back for the TeaCache run
     reset()
     shape = (1, 16, 2, 8, 8) if a.smoke else (1, 16, 21, 90, 160)  # 1280×720×81
     z = torch.randn(shape, device=DEV, generator=torch.Generator(DEV).manual_seed(5))
@@ -137,6 +135,16 @@ def main() -> None:
         except torch.OutOfMemoryError as exc:
             res["vae_720p"]["tiled" if tiled else "untiled"] = {"error": str(exc)[:200]}
         print("vae 720p", tiled, res["vae_720p"], flush=True)
+    save(res, a.out)
+    te.to(DEV)
+    reset()
+    t0 = time.perf_counter()
+    r = pipe.generate(GenerationRequest(**{**req.to_dict(), "teacache": a.teacache}), decode=False)
+    res["teacache"] = {"threshold": a.teacache, "denoise_s": r.timings["denoise_s"], "dit_forwards": r.dit_forwards,
+                       "skipped": len(r.info["skipped_steps"]), "peak_gib": gib(),
+                       "note": "random weights: TeaCache decides from how far the timestep embedding moves between "
+                               "steps, which random weights do not reproduce; the count does not predict trained weights"}
+    print("teacache", res["teacache"], flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
