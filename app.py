@@ -133,4 +133,12 @@ def headless(server, cfg: RunConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code still prints where every thread was
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from parallel.runtime import exit_process
+
+        exit_process(code)
+    sys.exit(code)

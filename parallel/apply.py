@@ -198,7 +198,7 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, P
 
         raise BackendUnavailable("sp_backend xfuser has no CPU path (xDiT's attention calls CUDA kernels only); "
                                  "use --sp_backend native")
-    state = ParallelState(rt, info, kernel, MeshCache(rt.world_size, rt.rank), layout, dit_fsdp, t5_fsdp,
+    state = ParallelState(rt, info, kernel, MeshCache(rt.world_size, rt.rank, cfg.sp_backend == "xfuser"), layout, dit_fsdp, t5_fsdp,
                           cfg.use_context_parallel, cfg.sp_backend, notes, parallel_vae)
     context_parallel = layout.sp > 1
     notes.append(f"attention kernel: {kernel.name}; default layout: {layout}")

@@ -147,8 +147,9 @@ class LayoutGroups:
 class MeshCache:
     """Process groups per layout, created on demand (in lockstep on every rank) and cached."""
 
-    def __init__(self, world: int, rank: int) -> None:
+    def __init__(self, world: int, rank: int, singletons: bool = False) -> None:
         self.world, self.rank = world, rank
+        self.singletons = singletons  # also make 1-rank groups (xDiT's attention wants a group per dim)
         self._cache: dict[ParallelLayout, LayoutGroups] = {}
 
     def get(self, layout: ParallelLayout) -> LayoutGroups:
@@ -179,7 +180,7 @@ class MeshCache:
                 parts.setdefault(tuple(c[i] for i in range(4) if i not in keep), []).append(r)
             mine = None
             for ranks in parts.values():
-                g = dist.new_group(ranks=ranks, backend=None)  # size-1 groups too (xDiT's attention needs them)
+                g = dist.new_group(ranks=ranks, backend=None) if len(ranks) > 1 or self.singletons else None
                 if self.rank in ranks:
                     mine = (g, tuple(ranks))
             return mine

@@ -3,9 +3,11 @@ timeout for requests, status and cancel, so idle workers wait for days without t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -119,12 +121,23 @@ def init_runtime(dist_timeout: float = 600.0, device: str | None = None) -> Runt
 
 
 def shutdown_runtime(rt: Runtime) -> None:
-    """Tear the process groups down (safe to call twice)."""
+    """Tear the process groups down together (safe to call twice)."""
     if rt.distributed and dist.is_initialized():
         try:
+            dist.barrier(group=rt.control)  # nobody tears down while a peer still talks to it
             dist.destroy_process_group()
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.debug("destroy_process_group: %s", exc)
+
+
+def exit_process(code: int) -> None:
+    """Leave a rank of a gang without running C++ static destructors (gloo's background threads can abort
+    the process at interpreter teardown after a clean shutdown); flushes Python's buffers first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def picklable(exc: BaseException) -> str:

@@ -48,4 +48,10 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    import faulthandler
+
+    faulthandler.enable()
+    code = main(sys.argv[1])
+    from parallel.runtime import exit_process
+
+    exit_process(code)
