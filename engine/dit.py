@@ -137,7 +137,7 @@ class WanBlock(nn.Module):
         y = self.self_attn(modulate(x, shift_sa, scale_sa, self.eps, dtype), rope=rope)
         x = gated_residual(x, y, gate_sa)  # fp32 residual += attn · gate
         h = affine_norm(x, self.norm3.weight, self.norm3.bias, self.eps, dtype)
-        x = torch.add(x, self.cross_attn(h, context=context))
+        x = gated_residual(x, self.cross_attn(h, context=context), None)  # no gate on cross-attention
         y = self.feed_forward(modulate(x, shift_ff, scale_ff, self.eps, dtype))
         return gated_residual(x, y, gate_ff)
 

@@ -48,34 +48,36 @@ if _HAS_TRITON:
         tl.store(out_ptr + row.to(tl.int64) * dim + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rms_rope_kernel(x_ptr, w_ptr, tab_ptr, out_ptr, tokens, dim, eps, HEAD: tl.constexpr, BLOCK: tl.constexpr):
+    def _rms_rope_kernel(x_ptr, w_ptr, tab_ptr, out_ptr, tokens, dim, eps, HEAD: tl.constexpr, HALF: tl.constexpr):
         row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
+        offs = tl.arange(0, HALF)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (HALF, 2): channel pairs
         mask = offs < dim
         base = row.to(tl.int64) * dim
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / dim + eps)
-        pair = offs ^ 1
-        xs = tl.load(x_ptr + base + pair, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        ws = tl.load(w_ptr + pair, mask=mask, other=0.0).to(tl.float32)
-        d = offs % HEAD
+        x0, x1 = tl.split(tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32))
+        rstd = tl.rsqrt((tl.sum(x0 * x0, axis=0) + tl.sum(x1 * x1, axis=0)) / dim + eps)
+        w0, w1 = tl.split(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        even = tl.arange(0, HALF) * 2
+        pmask = even < dim
+        d = even % HEAD
         tok = (row % tokens).to(tl.int64)
-        cos = tl.load(tab_ptr + tok * 2 * HEAD + d, mask=mask, other=0.0)
-        sin = tl.load(tab_ptr + tok * 2 * HEAD + HEAD + d, mask=mask, other=0.0)
-        y = (x * rstd * w) * cos + (xs * rstd * ws) * sin
-        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        cos = tl.load(tab_ptr + tok * 2 * HEAD + d, mask=pmask, other=0.0)
+        sin = tl.load(tab_ptr + tok * 2 * HEAD + HEAD + d + 1, mask=pmask, other=0.0)  # +sin_j at odd channels
+        y0, y1 = x0 * rstd * w0, x1 * rstd * w1
+        out = tl.join(y0 * cos - y1 * sin, y1 * cos + y0 * sin)  # (HALF, 2)
+        tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, rows_per_batch, dim, BLOCK: tl.constexpr):
+    def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, rows_per_batch, dim, HAS_GATE: tl.constexpr,
+                               BLOCK: tl.constexpr):
         row = tl.program_id(0)
         col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = col < dim
         base = row.to(tl.int64) * dim
         x = tl.load(x_ptr + base + col, mask=mask, other=0.0)
         y = tl.load(y_ptr + base + col, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + (row // rows_per_batch) * dim + col, mask=mask, other=0.0)
-        tl.store(out_ptr + base + col, x + y * g, mask=mask)
+        if HAS_GATE:
+            y = y * tl.load(g_ptr + (row // rows_per_batch) * dim + col, mask=mask, other=0.0)
+        tl.store(out_ptr + base + col, x + y, mask=mask)
 
 
 def _block(dim: int) -> int:
@@ -124,17 +126,19 @@ def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, table: Tensor | None, h
     x = x.contiguous()
     out = torch.empty_like(x)
     _rms_rope_kernel[(b * n,)](x, weight.contiguous(), table.float().contiguous(), out, n, d, eps,
-                               HEAD=d // heads, BLOCK=_block(d), num_warps=16)
+                               HEAD=d // heads, HALF=_block(d) // 2, num_warps=16)
     return out.view(b, n, heads, d // heads)
 
 
-def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-    """x + y·gate in fp32: x (B, L, D) fp32, y (B, L, D) any dtype, gate (B, 1, D) fp32."""
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor | None) -> Tensor:
+    """x + y·gate (or x + y without a gate) in fp32: x (B, L, D) fp32, y (B, L, D) any dtype, gate (B, 1, D)."""
     if not use_triton(x):
-        return torch.addcmul(x, y, gate)
+        return torch.addcmul(x, y, gate) if gate is not None else torch.add(x, y)
     b, n, d = x.shape
-    x, y, gate = x.contiguous(), y.contiguous(), gate.float().contiguous()
+    x, y = x.contiguous(), y.contiguous()
+    g = gate.float().contiguous() if gate is not None else x
     out = torch.empty_like(x)
     blk = 1024
-    _gated_residual_kernel[(b * n, triton.cdiv(d, blk))](x, y, gate, out, n, d, BLOCK=blk, num_warps=4)
+    _gated_residual_kernel[(b * n, triton.cdiv(d, blk))](x, y, g, out, n, d, HAS_GATE=gate is not None, BLOCK=blk,
+                                                         num_warps=4)
     return out

@@ -42,6 +42,11 @@ SCRIPT = textwrap.dedent('''
     y, gate = torch.randn(2, 40, 256, generator=g).bfloat16(), torch.randn(2, 1, 256, generator=g)
     a, b = both(fused.gated_residual, x, y, gate)
     assert rel(a, b) < 1e-6, ("gated_residual", rel(a, b))
+    a, b = both(fused.gated_residual, x, y, None)
+    assert rel(a, b) < 1e-6, ("residual", rel(a, b))
+    x3 = torch.randn(1, 40, 384, generator=g)  # dim not a power of two: masked pairs
+    a, b = both(fused.rms_norm_rope, x3, torch.randn(384, generator=g), 1e-6, tab, 3)
+    assert rel(a, b) < 1e-6, ("rms_norm_rope 384", rel(a, b))
 
     model = WanDiT(DiTConfig(dim=256, ffn_dim=512, num_layers=2, text_dim=64))
     model.load_state_dict(random_state_dict(model, seed=1))
