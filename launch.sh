@@ -77,9 +77,14 @@ fi
 
 # ---- torchrun gang ---------------------------------------------------------------------------------
 RUN=("$PY" -m torch.distributed.run --nproc_per_node="$NPROC" --max_restarts="$MAX_RESTARTS")
-if [[ "$NNODES" != 1 ]]; then
-  ENDPOINT="${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
-  RUN+=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --rdzv_backend=c10d --rdzv_endpoint="$ENDPOINT" --rdzv_id="${RDZV_ID:-wan21}")
+if [[ "$NNODES" != 1 && -n "$RDZV_ENDPOINT" ]]; then
+  # elastic c10d rendezvous; a node that is slow to start is waited for up to LAUNCH_JOIN_TIMEOUT seconds
+  RUN+=(--nnodes="$NNODES" --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-wan21}"
+        --rdzv_conf="join_timeout=${LAUNCH_JOIN_TIMEOUT:-600}")
+elif [[ "$NNODES" != 1 ]]; then
+  # static rendezvous at MASTER_ADDR:MASTER_PORT (node 0's address); --node_rank fixes each node's ranks
+  RUN+=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="${MASTER_ADDR:-127.0.0.1}"
+        --master_port="${MASTER_PORT:-29500}")
 elif [[ -n "${MASTER_ADDR:-}" || -n "${MASTER_PORT:-}" || -n "$RDZV_ENDPOINT" ]]; then
   ENDPOINT="${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
   RUN+=(--rdzv_backend=c10d --rdzv_endpoint="$ENDPOINT" --rdzv_id="${RDZV_ID:-wan21}")

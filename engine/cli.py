@@ -46,6 +46,7 @@ class RunConfig:
     cfg_size: int = 1
     sp_backend: str = "native"
     dist_timeout: float = 600.0
+    heartbeat_timeout: float = 60.0  # a rank or node silent this long ends the gang (torchrun restarts it)
     # sharding
     use_fsdp: bool = False
     dit_fsdp: bool = False

@@ -20,7 +20,7 @@ from engine.factory import ModelInfo, model_info, resolve_dtype, resolve_files
 from engine.loading import build_dit, load_dit, load_text_encoder, load_vae, open_dit
 from engine.pipeline import SequentialCFG, WanPipeline
 from parallel.kernels import Kernel, get_kernel
-from parallel.layout import LayoutGroups, MeshCache, ParallelLayout, resolve_layout
+from parallel.layout import LayoutGroups, MeshCache, ParallelLayout, cross_node_note, resolve_layout
 from parallel.runtime import Runtime
 from parallel.sequence import SequenceShards
 from parallel.usp import USPAttention
@@ -71,17 +71,23 @@ class ParallelState:
     sp_backend: str = "native"
     startup_log: list[str] = field(default_factory=list)
     parallel_vae: bool = False
+    _noted: set = field(default_factory=set)  # layouts whose cross-node note was logged
 
     def layout_for(self, ulysses: int | None, ring: int | None, cfg: int | None) -> ParallelLayout:
         """The layout of a request (its sizes, else the start-up defaults), checked."""
         d = self.default_layout
         if ulysses is None and ring is None and cfg is None:
             return d
-        return resolve_layout(
+        lay = resolve_layout(
             self.rt.world_size, self.info.num_heads, ulysses if ulysses is not None else d.ulysses,
             ring if ring is not None else d.ring, cfg if cfg is not None else d.cfg, self.use_context_parallel,
             self.rt.local_world_size,
         )
+        note = cross_node_note(lay, self.rt.local_world_size, self.rt.world_size)
+        if note and lay not in self._noted:
+            self._noted.add(lay)
+            log.warning(note)
+        return lay
 
 
 def apply_layout(pipe: WanPipeline, groups: LayoutGroups, kernel: Kernel, sp_backend: str = "native") -> None:
@@ -146,10 +152,10 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
     return model
 
 
-def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, ParallelState]:
+def build_parallel_pipeline(cfg: RunConfig, rt: Runtime, files=None) -> tuple[WanPipeline, ParallelState]:
     """Every rank: find files, load the models (sharded where asked), pick the kernel and default layout."""
     notes: list[str] = [f"Initialized distributed environment with {rt.world_size} processes"] if rt.distributed else []
-    files = resolve_files(cfg)
+    files = files or resolve_files(cfg)
     dtype = resolve_dtype(cfg.dtype, rt.device)
     dit_fsdp = cfg.dit_fsdp or cfg.use_fsdp
     t5_fsdp = cfg.t5_fsdp or cfg.use_fsdp
@@ -201,7 +207,11 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime) -> tuple[WanPipeline, P
     state = ParallelState(rt, info, kernel, MeshCache(rt.world_size, rt.rank, cfg.sp_backend == "xfuser"), layout, dit_fsdp, t5_fsdp,
                           cfg.use_context_parallel, cfg.sp_backend, notes, parallel_vae)
     context_parallel = layout.sp > 1
-    notes.append(f"attention kernel: {kernel.name}; default layout: {layout}")
+    notes.append(f"attention kernel: {kernel.name}; default layout: {layout}"
+                 + (f" ({rt.nnodes} nodes: Ulysses inside a node, Ring across nodes)" if rt.nnodes > 1 else ""))
+    note = cross_node_note(layout, rt.local_world_size, rt.world_size)
+    if note:
+        notes.append(note)
     notes.append(f"Setup complete: FSDP={str(dit_fsdp or t5_fsdp).lower()}, Context Parallel={str(context_parallel).lower()}")
     if rt.rank == 0:
         for line in notes[1 if rt.distributed else 0 :]:  # the first line was logged by the runtime

@@ -92,6 +92,20 @@ def check_layout(layout: ParallelLayout, world: int, heads: int, use_context_par
     return layout
 
 
+def cross_node_note(layout: ParallelLayout, local_world: int, world: int) -> str | None:
+    """Why a layout whose Ulysses groups span nodes will be slow (None when they stay inside a node)."""
+    if world <= local_world or layout.ulysses <= local_world:
+        return None
+    nodes = -(-layout.ulysses // local_world)
+    ring = max(1, world // max(1, local_world))
+    return (
+        f"ulysses_size {layout.ulysses} spans {nodes} nodes of {local_world} GPUs: its 4 all-to-alls per block "
+        f"(each moving 3/4 of q, k, v or the output of every rank) cross the inter-node network, typically 10-20x "
+        f"slower than NVLink. Ring's point-to-point exchange overlaps compute and tolerates that link: prefer "
+        f"ulysses_size {local_world} × ring_size {ring} (Ulysses inside a node, Ring across nodes)"
+    )
+
+
 def default_layout(world: int, heads: int, local_world: int | None = None, use_context_parallel: bool = True,
                    cfg: int = 1) -> ParallelLayout:
     """Ulysses over as many ranks of a node as the heads allow, Ring over the rest (across nodes)."""

@@ -7,7 +7,11 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
+import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -35,6 +39,9 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     control: Any = None  # gloo group for control messages (None when world_size == 1)
     compute: Any = None  # the compute group (the default group), None when world_size == 1
+    node: int = 0  # which machine (torchrun's GROUP_RANK)
+    host: str = ""
+    heartbeat: Any = None
 
     @property
     def distributed(self) -> bool:
@@ -107,9 +114,11 @@ def init_runtime(dist_timeout: float = 600.0, device: str | None = None) -> Runt
         dev = torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    rt = Runtime(rank, world, local_rank, local_world, dev)
+    node = int(os.environ.get("GROUP_RANK", str(rank // max(1, local_world))))
+    rt = Runtime(rank, world, local_rank, local_world, dev, node=node, host=socket.gethostname())
     if world == 1:
         return rt
+    _die_with_agent()
     backend = "nccl" if dev.type == "cuda" else "gloo"
     kwargs = {"device_id": dev} if dev.type == "cuda" else {}
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=dist_timeout), **kwargs)
@@ -120,8 +129,56 @@ def init_runtime(dist_timeout: float = 600.0, device: str | None = None) -> Runt
     return rt
 
 
+def _die_with_agent() -> None:
+    """Linux: this rank is killed when its torchrun agent dies (a node lost with its agent takes its ranks
+    along, so the peers' sockets close and they fail fast instead of waiting)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Heartbeat:
+    """A background all-reduce on its own gloo group every `interval` s: a rank or node that is gone (or
+    stuck for `timeout` s) makes every surviving rank exit non-zero, even while the gang is idle, so
+    torchrun can restart it. `healthy` and `last_ok` feed the health check."""
+
+    def __init__(self, rt: Runtime, interval: float = 5.0, timeout: float = 30.0) -> None:
+        self.rt, self.interval, self.timeout = rt, interval, timeout
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        self.last_ok = time.time()
+        self.healthy = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wan-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._stop.wait(self.interval)
+            beat = torch.tensor([1.0 if self._stop.is_set() else 0.0])
+            try:
+                dist.all_reduce(beat, op=dist.ReduceOp.MAX, group=self.group)
+                self.last_ok = time.time()
+            except Exception as exc:  # noqa: BLE001 - a peer is gone: the whole gang must go
+                self.healthy = False
+                log.error("rank %d (node %d, %s) lost contact with the gang: %s; exiting so that torchrun can "
+                          "restart it", self.rt.rank, self.rt.node, self.rt.host, picklable(exc))
+                exit_process(1)
+            if beat.item() > 0:  # some rank is shutting down: every thread leaves on this same beat
+                return
+
+    def stop(self) -> None:
+        """Leave together with the other ranks (called by every rank at shutdown)."""
+        self._stop.set()
+        self._thread.join(timeout=self.timeout + self.interval)
+
+
 def shutdown_runtime(rt: Runtime) -> None:
     """Tear the process groups down together (safe to call twice)."""
+    if rt.heartbeat is not None:
+        rt.heartbeat.stop()
     if rt.distributed and dist.is_initialized():
         try:
             dist.barrier(group=rt.control)  # nobody tears down while a peer still talks to it

@@ -257,7 +257,54 @@ class Dispatcher:
                 self.cancel_event.clear()
 
 
-def resolve_auto(cfg: RunConfig, rt: Runtime) -> RunConfig:
+def fingerprint(path: Path) -> tuple:
+    """Cheap identity of a model file or folder: names, sizes, and a hash of each file's first and last MiB."""
+    import hashlib
+
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        h = hashlib.sha256()
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            h.update(fh.read(2**20))
+            if size > 2**21:
+                fh.seek(size - 2**20)
+                h.update(fh.read())
+        out.append((f.name, size, h.hexdigest()[:16]))
+    return tuple(out)
+
+
+def preflight(cfg: RunConfig, rt: Runtime):
+    """Every rank finds and fingerprints its own model files (each node reads its own --model_dir); a file
+    missing or different on any node stops every rank at once, with a message naming the node and file."""
+    from engine.checkpoint import ModelFileError
+    from engine.factory import resolve_files
+
+    files, status = None, None
+    try:
+        files = resolve_files(cfg)
+        parts = {"DiT": files.dit, "text encoder": files.t5, "VAE": files.vae}
+        status = ("ok", {k: (str(v), fingerprint(Path(v))) for k, v in parts.items()})
+    except (ModelFileError, OSError) as exc:
+        status = ("error", str(exc))
+    everyone = rt.all_gather_object((rt.node, rt.host, status))
+    for node, host, (kind, detail) in everyone:
+        if kind == "error":
+            raise LaunchError(f"node {node} ({host}): {detail}")
+    _, _, (_, ref) = everyone[0]
+    for node, host, (_, mine) in everyone:
+        for part, (path, fp) in mine.items():
+            if fp != ref[part][1]:
+                raise LaunchError(
+                    f"node {node} ({host}) has a different {part} file than node 0: {path} "
+                    f"({sum(f[1] for f in fp):,} bytes) vs node 0's {ref[part][0]} ({sum(f[1] for f in ref[part][1]):,} bytes); "
+                    "every node must hold the same model files"
+                )
+    return files
+
+
+def resolve_auto(cfg: RunConfig, rt: Runtime, files=None) -> RunConfig:
     """`--preset auto`: memory settings from the smallest free GPU memory and the model size (flags win)."""
     import math
 
@@ -265,7 +312,7 @@ def resolve_auto(cfg: RunConfig, rt: Runtime) -> RunConfig:
     from engine.loading import build_dit, open_dit
     from presets.auto import auto_settings, free_memory_gib
 
-    files = resolve_files(cfg)
+    files = files or resolve_files(cfg)
     _, dcfg = open_dit(files.dit)
     dit_gib = sum(p.numel() for p in build_dit(dcfg).parameters()) * (2 if rt.device.type == "cuda" else 4) / 2**30
     from engine.checkpoint import open_checkpoint
@@ -289,6 +336,10 @@ def start_server(cfg: RunConfig) -> Server:
 
     setup_logging(cfg.log_level, int(os.environ.get("RANK", "0")))
     rt = init_runtime(cfg.dist_timeout)
+    if rt.distributed:
+        from parallel.runtime import Heartbeat
+
+        rt.heartbeat = Heartbeat(rt, timeout=cfg.heartbeat_timeout)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts and rt.rank == 0:
         log.warning("the gang was restarted after a failure (restart %d of at most %s); serving again",
@@ -301,9 +352,10 @@ def start_server(cfg: RunConfig) -> Server:
     from engine.checkpoint import ModelFileError
 
     try:
+        files = preflight(cfg, rt)
         if cfg.preset == "auto":
-            cfg = resolve_auto(cfg, rt)
-        pipe, state = build_parallel_pipeline(cfg, rt)
+            cfg = resolve_auto(cfg, rt, files)
+        pipe, state = build_parallel_pipeline(cfg, rt, files)
     except (ModelFileError, ValueError) as exc:  # bad files, layouts, backends: a message, not a traceback
         shutdown_runtime(rt)
         raise LaunchError(str(exc)) from exc
