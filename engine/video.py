@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from torch import Tensor
@@ -47,6 +46,8 @@ def _atomic_target(path: Path, suffix: str) -> Iterator[Path]:
 
 def write_mp4(frames_uint8: np.ndarray, path: str | os.PathLike, fps: int = FPS) -> None:
     """Write (F, H, W, 3) uint8 frames as H.264/yuv420p mp4 with +faststart, atomically."""
+    import imageio_ffmpeg  # imported here: only writing and probing need the ffmpeg binary
+
     frames = np.asarray(frames_uint8)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"expected non-empty uint8 frames of shape (F, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -82,6 +83,8 @@ def _split_top(s: str) -> list[str]:
 
 def probe_mp4(path: str | os.PathLike) -> dict:
     """frames, width, height, codec, pix_fmt, fps of a video, from the bundled ffmpeg (no ffprobe)."""
+    import imageio_ffmpeg  # imported here: only writing and probing need the ffmpeg binary
+
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(path)

@@ -83,7 +83,7 @@ def test_failed_write_leaves_no_temp_and_keeps_the_old_file(tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("encoder died")
 
-    monkeypatch.setattr(V.imageio_ffmpeg, "write_frames", broken)
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken)
     with pytest.raises(RuntimeError):
         V.write_mp4(np.zeros((2, 16, 16, 3), np.uint8), out)
     assert out.read_bytes() == b"old"
