@@ -102,7 +102,7 @@ def apply_layout(pipe: WanPipeline, groups: LayoutGroups, kernel: Kernel, sp_bac
     else:
         dit.tokens = LocalTokens()
         self_attn = local
-    if sp_backend == "xfuser":
+    if sp_backend == "xfuser" and groups.ulysses_group is not None:  # one process has no groups: local attention
         from parallel.xfuser_backend import XfuserAttention
 
         self_attn = XfuserAttention(groups, shards, self_attn, kernel.name, pipe.device)
@@ -199,6 +199,8 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime, files=None) -> tuple[Wa
     pipe.offload_t5 = cfg.offload_model and not t5_fsdp and t5_device.type == "cuda"
     pipe.teacache_device = "cpu" if cfg.teacache_cache_device in ("cpu", "offload_device") else "gpu"
     pipe.teacache_agree = teacache_agreement(rt, pipe)
+    if cfg.sp_backend == "xfuser" and not rt.distributed:
+        notes.append("sp_backend xfuser: one process has no sequence parallelism; the local attention kernel runs")
     if cfg.sp_backend == "xfuser" and rt.device.type != "cuda":
         from parallel.kernels import BackendUnavailable
 
