@@ -78,9 +78,8 @@ def model_info(files: ModelFiles, cfg: RunConfig, dtype: torch.dtype, count_toke
     _, dcfg = open_dit(files.dit)
     key = "tiny" if files.random_weights else dcfg.name
     if cfg.task:
-        want = DIT_CONFIGS[cfg.task.split("-")[1]]
-        if (want.dim, want.num_layers) != (dcfg.dim, dcfg.num_layers):
-            log.warning("--task %s but %s holds a %s model; using the file's shapes", cfg.task, files.dit, dcfg.name)
+        dcfg = DIT_CONFIGS[cfg.task.split("-", 1)[1]]  # the loader refuses a file of another size
+        key = dcfg.name
     if key in SUPPORTED_SIZES:
         limits = RequestLimits(model=key, sizes=SUPPORTED_SIZES[key], count_tokens=count_tokens)
     else:

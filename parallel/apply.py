@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from engine.cli import RunConfig
+from engine.config import DIT_CONFIGS
 from engine.dit import LocalTokens, WanDiT
 from engine.factory import ModelInfo, model_info, resolve_dtype, resolve_files
 from engine.loading import build_dit, load_dit, load_text_encoder, load_vae, open_dit
@@ -135,6 +136,8 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
     from parallel.offload import apply_offload, fsdp_offload_units, host_param_names, plan_offload
 
     view, dcfg = open_dit(files.dit, dtype)
+    if cfg.task:  # --task t2v-14B / t2v-1.3B: the file must be that model (else: first mismatching tensor)
+        dcfg = DIT_CONFIGS[cfg.task.split("-", 1)[1]]
     model = build_dit(dcfg)
     plan = plan_offload(model.blocks, cfg.blocks_to_swap, cfg.offload_percent)
     if mesh is not None:
@@ -147,7 +150,7 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
             log.info("offload under FSDP: %d blocks + %d layers keep this rank's shards in host memory",
                      len(plan.swapped), sum(len(v) for v in plan.layers.values()))
         return model.eval().requires_grad_(False)
-    model = load_dit(files.dit, rt.device, dtype, host_names=host_param_names(model, plan) or None)
+    model = load_dit(files.dit, rt.device, dtype, expect=dcfg, host_names=host_param_names(model, plan) or None)
     apply_offload(model, plan, rt.device)
     return model
 
