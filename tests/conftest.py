@@ -16,6 +16,18 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+SHARED = ROOT.parent / "shared"  # the project's reference material, beside the checkout (CI has it too)
+
+
+def official_keys(name: str) -> dict[str, tuple[int, ...]]:
+    """name → shape from shared/reference/keys/<name>.tsv (the official checkpoints' tensors)."""
+    out = {}
+    for line in (SHARED / "reference" / "keys" / f"{name}.tsv").read_text().splitlines():
+        key, shape, _ = line.split("\t")
+        out[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    return out
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = a.double(), b.double()

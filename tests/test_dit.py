@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from engine.config import DIT_CONFIGS, DiTConfig
 from engine.dit import WanDiT, rope_table
 from engine.loading import build_dit
-from tests.conftest import rel_err
+from tests.conftest import official_keys, rel_err
 from tests.weights import random_state_dict
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
 SMALL = DiTConfig(dim=256, ffn_dim=512, num_layers=2, text_dim=64)
-
-
-def read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in path.read_text().splitlines():
-        name, shape, _ = line.split("\t")
-        out[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return out
 
 
 def diffusers_model(cfg: DiTConfig, sd: dict[str, torch.Tensor]):
@@ -73,7 +62,7 @@ def test_forward_is_deterministic(pair):
 
 @pytest.mark.parametrize("size", ["1.3B", "14B"])
 def test_state_dict_matches_official_keys(size):
-    expected = read_tsv(KEYS / f"keys_dit_{size}.tsv")
+    expected = official_keys(f"keys_dit_{size}")
     model = build_dit(DIT_CONFIGS[size])
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == expected

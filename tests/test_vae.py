@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
@@ -21,19 +19,10 @@ from engine.vae import (
     vae_name_from_diffusers,
     vae_state_dict_from_diffusers,
 )
-from tests.conftest import rel_err
+from tests.conftest import official_keys, rel_err
 from tests.weights import random_state_dict
 
-KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys" / "keys_vae.tsv"
 DIM = 16  # small width for parity tests; the structure (levels, blocks, temporal) is the official one
-
-
-def read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in path.read_text().splitlines():
-        name, shape, _ = line.split("\t")
-        out[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return out
 
 
 def build(seed: int = 0, **cfg) -> tuple[WanVAE, dict[str, torch.Tensor]]:
@@ -80,7 +69,7 @@ def test_meta_built_default_vae_has_exactly_the_official_keys_and_shapes():
     with torch.device("meta"):
         vae = WanVAE()
     got = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    assert got == read_tsv(KEYS_TSV)
+    assert got == official_keys("keys_vae")
     assert sum(p.numel() for p in vae.parameters()) == 126_892_531
     assert all(t.is_meta for t in vae.state_dict().values())
     assert len(list(vae.buffers())) == 0  # latent mean/std are constants, not state
