@@ -15,7 +15,6 @@ import torch
 
 from engine.checkpoint import (
     CheckpointView,
-    LazyStateDict,
     ModelNotFoundError,
     WrongModelError,
     load_into,
@@ -238,8 +237,3 @@ def load_text_encoder(
         load_into(model, view, device, dtype, "umt5 text encoder", path, skip=("encoder.embed_tokens.weight",))
     _tie(model)
     return TextEncoder(model.eval().requires_grad_(False), tokenizer)
-
-
-def is_lazy(sd) -> bool:
-    """True for the lazy state dicts this module hands out."""
-    return isinstance(sd, (LazyStateDict, CheckpointView))
