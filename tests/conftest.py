@@ -16,13 +16,24 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-SHARED = ROOT.parent / "shared"  # the project's reference material, beside the checkout (CI has it too)
+SHARED = ROOT.parent / "shared"  # the project's reference material, beside the checkout
+DATA = Path(__file__).resolve().parent / "data"  # copies of the files the tests read, for clones without it
+
+
+def reference_file(relative: str) -> Path:
+    """A file of shared/ (e.g. 'reference/keys/keys_vae.tsv'), or its copy in tests/data when shared/ is absent;
+    where both exist they must be identical (the copy may not drift)."""
+    original, copy = SHARED / relative, DATA / Path(relative).relative_to(Path(relative).parts[0])
+    if original.exists():
+        assert copy.read_bytes() == original.read_bytes(), f"tests/data copy of {relative} differs from shared/"
+        return original
+    return copy
 
 
 def official_keys(name: str) -> dict[str, tuple[int, ...]]:
     """name → shape from shared/reference/keys/<name>.tsv (the official checkpoints' tensors)."""
     out = {}
-    for line in (SHARED / "reference" / "keys" / f"{name}.tsv").read_text().splitlines():
+    for line in reference_file(f"reference/keys/{name}.tsv").read_text().splitlines():
         key, shape, _ = line.split("\t")
         out[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
     return out

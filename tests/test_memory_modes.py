@@ -13,7 +13,7 @@ from engine.loading import load_dit
 from engine.request import GenerationRequest
 from engine.tiny import DIT_FILE
 from parallel.offload import apply_offload, plan_offload
-from tests.conftest import rel_err
+from tests.conftest import reference_file, rel_err
 from tests.multirank import ROOT, gang_env, latents, run_gang
 
 
@@ -145,7 +145,7 @@ def test_every_preset_loads_into_the_run_config():
 def test_the_guides_json_block_loads_as_a_preset(tmp_path):
     from presets import load_preset
 
-    guide = (ROOT.parent / "shared" / "seed" / "8gpu_distributed_inference_guide.md").read_text()
+    guide = reference_file("seed/8gpu_distributed_inference_guide.md").read_text()
     block = guide.split("```json", 1)[1].split("```", 1)[0]
     (tmp_path / "guide.json").write_text(block)
     values = load_preset(str(tmp_path / "guide.json"))

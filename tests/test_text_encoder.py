@@ -27,9 +27,10 @@ from engine.text_encoder import (
     t5_wan_to_hf,
     text_encoder_from_state_dict,
 )
+from tests.conftest import reference_file
 from tests.t5_reference import random_wan_t5, wan_t5_encode
 
-KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys" / "keys_t5.tsv"
+KEYS_TSV = reference_file("reference/keys/keys_t5.tsv")
 VOCAB, DIM, LAYERS, HEADS, D_FF = 2048, 64, 2, 4, 128
 PROMPTS = ["A cat walks on the grass.", "a red car drives fast along the wide coast road at sunset " * 12]
 
