@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from engine.attention import dense_attention
 from engine.config import PATCH, DiTConfig
-from engine.fused import affine_norm, gated_residual, modulate, rms_norm_rope
+from engine.fused import affine_norm, gated_residual, modulate, residual_norm, rms_norm_rope
 
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -135,11 +135,11 @@ class WanBlock(nn.Module):
         mod = self.modulation.float() + e0  # (B, 6, dim) float32
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unsqueeze(2).unbind(1)  # each (B, 1, dim)
         y = self.self_attn(modulate(x, shift_sa, scale_sa, self.eps, dtype), rope=rope)
-        x = gated_residual(x, y, gate_sa)  # fp32 residual += attn · gate
-        h = affine_norm(x, self.norm3.weight, self.norm3.bias, self.eps, dtype)
-        x = gated_residual(x, self.cross_attn(h, context=context), None)  # no gate on cross-attention
-        y = self.feed_forward(modulate(x, shift_ff, scale_ff, self.eps, dtype))
-        return gated_residual(x, y, gate_ff)
+        # fp32 residual += attn · gate, then norm3 (affine LayerNorm) of the new residual, in one pass
+        x, h = residual_norm(x, y, gate_sa, self.norm3.bias, self.norm3.weight, self.eps, dtype, one_plus=False)
+        # += cross-attention (no gate), then the FFN's modulated LayerNorm
+        x, h = residual_norm(x, self.cross_attn(h, context=context), None, shift_ff, scale_ff, self.eps, dtype)
+        return gated_residual(x, self.feed_forward(h), gate_ff)
 
     def feed_forward(self, h: Tensor) -> Tensor:
         """Linear → GELU(tanh) → Linear; on CUDA the GELU runs in the first GEMM's epilogue (cuBLASLt)."""

@@ -5,6 +5,8 @@ the 3-10 passes the plain torch ops take. Triton kernels on CUDA; the same math 
   modulate(x, shift, scale)            LayerNorm(x)·(1 + scale) + shift, fp32 in → matmul dtype out
   rms_norm_rope(x, weight, table, n)   RMSNorm over the full dim, then 3D RoPE per head → (B, L, n, 128)
   gated_residual(x, y, gate)           x + y·gate in fp32
+  residual_norm(x, y, gate, b, a, ...) x' = x + y·gate, then LayerNorm(x')·a + b (a = 1 + scale with
+                                       one_plus): both outputs from one read of x and y
 """
 
 from __future__ import annotations
@@ -67,6 +69,35 @@ if _HAS_TRITON:
         tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _rms_rope_chunked_kernel(x_ptr, w_ptr, tab_ptr, out_ptr, tokens, eps, DIM: tl.constexpr,
+                                 HEAD: tl.constexpr, CHUNK: tl.constexpr):
+        """Same as _rms_rope_kernel, in CHUNK-pair pieces (no lanes padded to a power of two): the sum of
+        squares first, then each piece again (from L1/L2: a row is 10 KiB) to rotate and store."""
+        row = tl.program_id(0)
+        base = row.to(tl.int64) * DIM
+        pair = tl.arange(0, CHUNK)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (CHUNK, 2)
+        acc = tl.zeros([CHUNK, 2], dtype=tl.float32)
+        for start in range(0, DIM, 2 * CHUNK):
+            offs = start + pair
+            v = tl.load(x_ptr + base + offs, mask=offs < DIM, other=0.0).to(tl.float32)
+            acc += v * v
+        rstd = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / DIM + eps)
+        tok = (row % tokens).to(tl.int64)
+        for start in range(0, DIM, 2 * CHUNK):
+            offs = start + pair
+            mask = offs < DIM
+            x0, x1 = tl.split(tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32))
+            w0, w1 = tl.split(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+            even = start + tl.arange(0, CHUNK) * 2
+            pmask = even < DIM
+            d = even % HEAD
+            cos = tl.load(tab_ptr + tok * 2 * HEAD + d, mask=pmask, other=0.0)
+            sin = tl.load(tab_ptr + tok * 2 * HEAD + HEAD + d + 1, mask=pmask, other=0.0)
+            y0, y1 = x0 * rstd * w0, x1 * rstd * w1
+            out = tl.join(y0 * cos - y1 * sin, y1 * cos + y0 * sin)  # (CHUNK, 2)
+            tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, rows_per_batch, dim, HAS_GATE: tl.constexpr,
                                BLOCK: tl.constexpr):
         row = tl.program_id(0)
@@ -78,6 +109,30 @@ if _HAS_TRITON:
         if HAS_GATE:
             y = y * tl.load(g_ptr + (row // rows_per_batch) * dim + col, mask=mask, other=0.0)
         tl.store(out_ptr + base + col, x + y, mask=mask)
+
+
+    @triton.jit
+    def _residual_norm_kernel(x_ptr, y_ptr, g_ptr, shift_ptr, scale_ptr, x_out_ptr, h_ptr, rows_per_batch,
+                              mod_stride, dim, eps, HAS_GATE: tl.constexpr, ONE_PLUS: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < dim
+        base = row.to(tl.int64) * dim
+        b = row // rows_per_batch
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
+        y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            y = y * tl.load(g_ptr + b * dim + offs, mask=mask, other=0.0)
+        x = x + y
+        tl.store(x_out_ptr + base + offs, x, mask=mask)
+        mean = tl.sum(x, axis=0) / dim
+        diff = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(diff * diff, axis=0) / dim + eps)
+        sc = tl.load(scale_ptr + b * mod_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + b * mod_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        h = diff * rstd * ((1.0 + sc) if ONE_PLUS else sc) + sh
+        tl.store(h_ptr + base + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(dim: int) -> int:
@@ -125,8 +180,12 @@ def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, table: Tensor | None, h
         return torch.addcmul(y * cos, swapped, sin).to(x.dtype)
     x = x.contiguous()
     out = torch.empty_like(x)
-    _rms_rope_kernel[(b * n,)](x, weight.contiguous(), table.float().contiguous(), out, n, d, eps,
-                               HEAD=d // heads, HALF=_block(d) // 2, num_warps=16)
+    if os.environ.get("WAN_RMS_ROPE", "chunked") == "chunked":
+        _rms_rope_chunked_kernel[(b * n,)](x, weight.contiguous(), table.float().contiguous(), out, n, eps, DIM=d,
+                                           HEAD=d // heads, CHUNK=256, num_warps=4)
+    else:
+        _rms_rope_kernel[(b * n,)](x, weight.contiguous(), table.float().contiguous(), out, n, d, eps,
+                                   HEAD=d // heads, HALF=_block(d) // 2, num_warps=16)
     return out.view(b, n, heads, d // heads)
 
 
@@ -142,3 +201,26 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor | None) -> Tensor:
     _gated_residual_kernel[(b * n, triton.cdiv(d, blk))](x, y, g, out, n, d, HAS_GATE=gate is not None, BLOCK=blk,
                                                          num_warps=4)
     return out
+
+
+def residual_norm(x: Tensor, y: Tensor, gate: Tensor | None, shift: Tensor, scale: Tensor, eps: float,
+                  dtype: torch.dtype, one_plus: bool = True) -> tuple[Tensor, Tensor]:
+    """(x', h): x' = x + y·gate (fp32; no gate: x + y), h = LayerNorm(x')·(1 + scale) + shift in `dtype`
+    (one_plus=False: LayerNorm(x')·scale + shift, an affine LayerNorm with weight=scale, bias=shift).
+    x (B, L, D) fp32, y (B, L, D), gate/shift/scale (B or 1, 1, D) or (D,). On CUDA one kernel: x and y are
+    read once, where gated_residual followed by a norm reads x' again."""
+    if not use_triton(x):
+        x = gated_residual(x, y, gate)
+        if one_plus:
+            return x, modulate(x, shift, scale, eps, dtype)
+        return x, affine_norm(x, scale, shift, eps, dtype)
+    b, n, d = x.shape
+    x, y = x.contiguous(), y.contiguous()
+    g = gate.float().contiguous() if gate is not None else x
+    shift, scale = shift.float().contiguous(), scale.float().contiguous()
+    stride = d if shift.dim() == 3 and shift.shape[0] > 1 else 0  # per-batch vectors, or one shared vector
+    x_out = torch.empty_like(x)
+    h = torch.empty(x.shape, dtype=dtype, device=x.device)
+    _residual_norm_kernel[(b * n,)](x, y, g, shift, scale, x_out, h, n, stride, d, eps, HAS_GATE=gate is not None,
+                                    ONE_PLUS=one_plus, BLOCK=_block(d), num_warps=16)
+    return x_out, h

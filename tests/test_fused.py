@@ -44,9 +44,22 @@ SCRIPT = textwrap.dedent('''
     assert rel(a, b) < 1e-6, ("gated_residual", rel(a, b))
     a, b = both(fused.gated_residual, x, y, None)
     assert rel(a, b) < 1e-6, ("residual", rel(a, b))
+    sh, sc = torch.randn(2, 1, 256, generator=g), torch.randn(2, 1, 256, generator=g)
+    for gt, a_, b_, one_plus in [(gate, sh, sc, True), (None, sh, sc, True), (gate, bias, w, False)]:
+        (xa, ha), (xb, hb) = both(fused.residual_norm, x, y, gt, a_, b_, 1e-6, torch.bfloat16, one_plus)
+        assert rel(xa, xb) < 1e-6 and ha.dtype == torch.bfloat16 and rel(ha, hb) < 1e-2, ("residual_norm", one_plus)
+        xr = x + y.float() * (gt if gt is not None else 1)
+        ln = torch.nn.functional.layer_norm(xr, (256,), eps=1e-6)
+        ref = ln * (1 + b_) + a_ if one_plus else ln * b_ + a_
+        assert rel(xa, xr) < 1e-6 and rel(ha, ref) < 1e-2, ("residual_norm vs formula", rel(ha, ref))
     x3 = torch.randn(1, 40, 384, generator=g)  # dim not a power of two: masked pairs
     a, b = both(fused.rms_norm_rope, x3, torch.randn(384, generator=g), 1e-6, tab, 3)
     assert rel(a, b) < 1e-6, ("rms_norm_rope 384", rel(a, b))
+    os.environ["WAN_RMS_ROPE"] = "whole-row"
+    c, _ = both(fused.rms_norm_rope, x3, torch.randn(384, generator=torch.Generator().manual_seed(5)), 1e-6, tab, 3)
+    os.environ["WAN_RMS_ROPE"] = "chunked"
+    d_, _ = both(fused.rms_norm_rope, x3, torch.randn(384, generator=torch.Generator().manual_seed(5)), 1e-6, tab, 3)
+    assert rel(c, d_) < 1e-6, ("rms_norm_rope chunked vs whole-row", rel(c, d_))
 
     model = WanDiT(DiTConfig(dim=256, ffn_dim=512, num_layers=2, text_dim=64))
     model.load_state_dict(random_state_dict(model, seed=1))
