@@ -64,6 +64,10 @@ if [[ "$MODE" == test ]]; then
   exec "$PY" -m pytest tests "${APP_ARGS[@]}"
 fi
 
+# Few malloc arenas: the web server runs requests on many short-lived threads, and glibc's default (8 per
+# core) keeps each one's freed memory; 2 keeps the server's RSS flat (docs/RELIABILITY.md). Override by setting it.
+export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
+
 # ---- how many ranks --------------------------------------------------------------------------------
 if [[ -z "$NPROC" ]]; then
   NPROC="$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 1)' 2>/dev/null || echo 1)"

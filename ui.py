@@ -8,6 +8,7 @@ API client sends is checked by `dispatcher.validate`; a refusal is a `gr.Error` 
 from __future__ import annotations
 
 import html
+import json
 import logging
 import queue
 import re
@@ -70,7 +71,8 @@ def layout_options(state) -> dict[str, tuple[int, int, int]]:
 
 
 def parse_layout(value: Any, options: dict[str, tuple[int, int, int]]) -> tuple[int, int, int]:
-    if value not in options:
+    """A layout label of the dropdown → (ulysses, ring, cfg); RequestError("layout") for anything else."""
+    if not isinstance(value, str) or value not in options:
         raise RequestError("layout", f"must be one of: {'; '.join(options)}; got {str(value)[:60]!r}")
     return options[value]
 
@@ -222,7 +224,7 @@ class Controller:
                    "sample_steps": sample_steps, "sample_guide_scale": sample_guide_scale, "sample_shift": sample_shift,
                    "sample_solver": sample_solver, "base_seed": base_seed, "batch_size": batch_size,
                    "teacache": teacache, "ulysses_size": u, "ring_size": r, "cfg_size": c}
-            self.dispatcher.validate(raw)
+            raw["sample_steps"] = self.dispatcher.validate(raw).sample_steps  # null → the default, for the progress bar
         except RequestError as exc:
             raise field_error(exc) from None
         return raw
@@ -241,7 +243,7 @@ class Controller:
                 yield skip, skip, skip, skip, status_html("cancelled", "Cancelled before it started.")
                 return
             job = self.job = Job(session, raw)
-        total = int(float(raw["sample_steps"]))
+        total = raw["sample_steps"]
         thread = threading.Thread(target=self._run, args=(job,), name="wan-generate", daemon=True)
         thread.start()
         progress((0, total), desc="encoding the prompt", unit="step")
@@ -409,7 +411,7 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
                     steps = gr.Slider(1, MAX_STEPS, value=d["sample_steps"], step=1, precision=0, label="Steps", elem_id="steps")
                 with gr.Row():
                     guide = gr.Slider(0, 20, value=d["sample_guide_scale"], step=0.1, label="Guidance scale")
-                    shift = gr.Slider(0, 20, value=d["sample_shift"], step=0.1, label="Shift")
+                    shift = gr.Slider(0.1, 20, value=d["sample_shift"], step=0.1, label="Shift")
                     solver = gr.Dropdown(list(info.limits.solvers), value=d["sample_solver"], label="Solver")
                 with gr.Row():
                     batch = gr.Slider(1, MAX_BATCH, value=d["batch_size"], step=1, precision=0, label="Number of videos")
@@ -490,6 +492,105 @@ class RefuseUploads:
         await self.app(scope, receive, send)
 
 
+MAX_JOIN_BYTES = 2**20  # a queue-join body: 12 values, the prompts ≤ 2,000 characters (Gradio itself has no limit)
+
+
+class GuardQueueJoin:
+    """ASGI middleware for POST …/queue/join (every page and API request enters the queue there): a body over
+    MAX_JOIN_BYTES answers 413 before Gradio buffers it, and an fn_index that names no event of this app
+    answers 422 (Gradio itself answers those with a bare 500). Anything else goes on to Gradio unchanged."""
+
+    def __init__(self, app, fn_indices: Callable[[], Any]) -> None:
+        self.app, self.fn_indices = app, fn_indices
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/queue/join"):
+            await self.app(scope, receive, send)
+            return
+        from starlette.responses import JSONResponse
+
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > MAX_JOIN_BYTES:
+                await JSONResponse({"detail": f"request body over {MAX_JOIN_BYTES // 1024} KiB"}, status_code=413)(
+                    scope, receive, send)
+                return
+        body = b"".join(chunks)
+        try:
+            fn = json.loads(body).get("fn_index")
+        except (ValueError, AttributeError, RecursionError):
+            fn = None  # not a JSON object: Gradio's own validation answers 422
+        if isinstance(fn, int) and not isinstance(fn, bool) and fn not in self.fn_indices():
+            await JSONResponse({"detail": f"fn_index: no event {fn} in this app"}, status_code=422)(scope, receive, send)
+            return
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+HEALTH_DEADLINE_S = 5.0  # /healthz: how long every rank has to answer the probe (?deadline=S, 0.1 to 30)
+HEALTH_PUBLIC_KEYS = ("healthy", "status")
+
+
+def logged_in(request) -> bool:
+    """Whether this HTTP request carries a login of the Gradio app (always true when it has no --auth)."""
+    app = request.app
+    if getattr(app, "auth", None) is None and getattr(app, "auth_dependency", None) is None:
+        return True
+    cookie_id = getattr(app, "cookie_id", "")
+    token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(f"access-token-unsecure-{cookie_id}")
+    return token is not None and (getattr(app, "tokens", None) or {}).get(token) is not None
+
+
+def healthz_route(server):
+    """GET /healthz: 200 when a tiny probe went through every rank within the deadline (or, while a request
+    holds the gang, when the heartbeat saw every rank within its timeout); 503 otherwise.
+
+    No login needed for {"healthy", "status"}: load balancers and orchestrators (Kubernetes probes, uptime
+    checks) cannot do Gradio's form login, and a health check that needs one cannot see a dead gang. The
+    per-rank report (devices, memory, heartbeat age, probe time) is only given to a logged-in client (or to
+    anyone when the app has no --auth). The probe runs on its own small thread pool, never on the one Gradio
+    runs its handlers on, and concurrent checks share one probe (see Dispatcher.health)."""
+    import asyncio
+    import math
+    from concurrent.futures import ThreadPoolExecutor
+
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="wan-healthz")
+
+    async def healthz(request):
+        try:
+            deadline = float(request.query_params.get("deadline", HEALTH_DEADLINE_S))
+        except ValueError:
+            deadline = HEALTH_DEADLINE_S
+        deadline = min(max(deadline, 0.1), 30.0) if math.isfinite(deadline) else HEALTH_DEADLINE_S
+        loop = asyncio.get_running_loop()
+        try:
+            report = await asyncio.wait_for(loop.run_in_executor(pool, server.dispatcher.health, deadline), deadline + 2)
+        except Exception as exc:  # noqa: BLE001 - a check that cannot finish is an unhealthy answer, never a 500
+            log.warning("health check did not finish: %s", type(exc).__name__)
+            report = {"healthy": False, "status": "unhealthy", "reason": f"the health check did not finish within {deadline + 2:g} s"}
+        body = report if logged_in(request) else {k: report.get(k) for k in HEALTH_PUBLIC_KEYS}
+        return JSONResponse(body, status_code=200 if report.get("healthy") else 503, headers={"Cache-Control": "no-store"})
+
+    return Route("/healthz", healthz, methods=["GET"])
+
+
 def serve_ui(server, cfg: RunConfig, auth: list[tuple[str, str]] | None = None) -> None:
     """Queue (one GPU job at a time, at most --queue_size waiting, no way around it) and serve until stopped."""
     from starlette.middleware import Middleware
@@ -505,5 +606,6 @@ def serve_ui(server, cfg: RunConfig, auth: list[tuple[str, str]] | None = None) 
         show_error=False,  # only gr.Error messages reach the client; tracebacks stay in the server log
         allowed_paths=[str(outputs)], max_file_size="1mb", enable_monitoring=False, ssr_mode=False,
         run_history=False, mcp_server=False, pwa=False, footer_links=["api"], css=CSS, quiet=False,
-        app_kwargs={"middleware": [Middleware(RefuseUploads)]},
+        app_kwargs={"middleware": [Middleware(RefuseUploads), Middleware(GuardQueueJoin, fn_indices=lambda: demo.fns.keys())],
+                    "routes": [healthz_route(server)]},
     )

@@ -7,6 +7,9 @@ the 3-10 passes the plain torch ops take. Triton kernels on CUDA; the same math 
   gated_residual(x, y, gate)           x + y·gate in fp32
   residual_norm(x, y, gate, b, a, ...) x' = x + y·gate, then LayerNorm(x')·a + b (a = 1 + scale with
                                        one_plus): both outputs from one read of x and y
+
+WAN_RMS_ROPE=whole-row selects the earlier RMSNorm+RoPE kernel (one row padded to a power of two; 0.419 vs
+0.372 ms at 32,760×5120 on H100, benchmarks/micro_kernels.py), kept to compare against.
 """
 
 from __future__ import annotations

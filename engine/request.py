@@ -81,23 +81,26 @@ def _fmt(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-def _number(field_name: str, value: Any, lo: float, hi: float, integer: bool) -> float | int:
+def _number(field_name: str, value: Any, lo: float, hi: float, integer: bool, lo_open: bool = False) -> float | int:
+    """`value` as a number in [lo, hi] ((lo, hi] with lo_open), or a RequestError naming the field and the range."""
     kind = "an integer" if integer else "a number"
-    lo_s, hi_s = _fmt(lo), _fmt(hi)
+    span = f"greater than {_fmt(lo)} and at most {_fmt(hi)}" if lo_open else f"between {_fmt(lo)} and {_fmt(hi)}"
     if isinstance(value, bool) or value is None:
-        raise RequestError(field_name, f"must be {kind} between {lo_s} and {hi_s}, got {value!r}")
+        raise RequestError(field_name, f"must be {kind} {span}, got {value!r}")
     try:
         x = float(value) if not isinstance(value, (int, float)) else value
     except (TypeError, ValueError):
-        raise RequestError(field_name, f"must be {kind} between {lo_s} and {hi_s}, got {str(value)[:40]!r}") from None
+        raise RequestError(field_name, f"must be {kind} {span}, got {str(value)[:40]!r}") from None
+    if isinstance(x, int) and abs(x) > 2**63:  # beyond any range here (and beyond float: isfinite would overflow)
+        raise RequestError(field_name, f"must be {span}, got an integer of {len(str(abs(x)))} digits")
     if not math.isfinite(x):
-        raise RequestError(field_name, f"must be a finite number between {lo_s} and {hi_s}, got {x}")
+        raise RequestError(field_name, f"must be a finite number {span}, got {x}")
     if integer:
         if float(x) != int(x):
-            raise RequestError(field_name, f"must be {kind} between {lo_s} and {hi_s}, got {x}")
+            raise RequestError(field_name, f"must be {kind} {span}, got {x}")
         x = int(x)
-    if not lo <= x <= hi:
-        raise RequestError(field_name, f"must be between {lo_s} and {hi_s}, got {x}")
+    if not (lo < x <= hi if lo_open else lo <= x <= hi):
+        raise RequestError(field_name, f"must be {span}, got {x}")
     return x
 
 
@@ -106,6 +109,11 @@ def _text(field_name: str, value: Any, limits: RequestLimits, allow_empty: bool)
         value = ""
     if not isinstance(value, str):
         raise RequestError(field_name, f"must be text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\\ud800"): no file or tokenizer can take it
+        raise RequestError(field_name, f"must be valid Unicode text; character {exc.start} is an unpaired "
+                                       f"surrogate {value[exc.start]!r}") from None
     text = _CONTROL.sub("", value).strip()
     if not text and not allow_empty:
         raise RequestError(field_name, "must not be empty")
@@ -156,7 +164,7 @@ def validate_request(raw: Mapping[str, Any], limits: RequestLimits, defaults: Ma
         frame_num=frames,
         sample_steps=_number("sample_steps", d.get("sample_steps", 50), 1, MAX_STEPS, integer=True),
         sample_guide_scale=float(_number("sample_guide_scale", d.get("sample_guide_scale", 5.0), 0, 20, integer=False)),
-        sample_shift=float(_number("sample_shift", d.get("sample_shift", 5.0), 0, 20, integer=False)),
+        sample_shift=float(_number("sample_shift", d.get("sample_shift", 5.0), 0, 20, integer=False, lo_open=True)),
         sample_solver=solver,
         base_seed=seed,
         batch_size=_number("batch_size", d.get("batch_size", 1), 1, MAX_BATCH, integer=True),

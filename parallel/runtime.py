@@ -121,12 +121,31 @@ def init_runtime(dist_timeout: float = 600.0, device: str | None = None) -> Runt
     _die_with_agent()
     backend = "nccl" if dev.type == "cuda" else "gloo"
     kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+    store = _attempt_store(rank, world, timedelta(seconds=dist_timeout))
+    if store is not None:
+        kwargs.update(store=store, rank=rank, world_size=world)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=dist_timeout), **kwargs)
     rt.compute = dist.group.WORLD
     rt.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     if rank == 0:
         log.info("Initialized distributed environment with %d processes", world)
     return rt
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta):
+    """The rendezvous store torchrun gave this gang, under a prefix of this attempt (None: plain env://).
+
+    torchrun (max_restarts > 0) restarts a failed gang against the same agent TCPStore, which still holds
+    the dead gang's keys (its gloo/NCCL addresses, barrier counters): without a fresh prefix the new gang
+    connects to dead peers ("Connection refused") or waits in init_process_group forever."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if attempt is None or not addr or not port:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(addr, int(port), world, is_master=not agent_store and rank == 0, timeout=timeout,
+                          **({} if agent_store else {"multi_tenant": True}))
+    return dist.PrefixStore(f"wan21/attempt_{attempt}", store)
 
 
 def _die_with_agent() -> None:

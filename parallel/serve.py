@@ -183,6 +183,8 @@ class Server:
                     self.execute(req, msg.get("options", {}))
                 except (Cancelled, RankFailed) as exc:
                     log.info("rank %d: request ended: %s", self.rt.rank, exc)
+                finally:
+                    trim_host_memory()
             elif op == "probe":
                 self.rt.all_gather_object(memory_report(self.rt))
 
@@ -230,6 +232,73 @@ class Dispatcher:
                                        for m, old in zip(mem, self.server.last_memory or mem)]
             return mem
 
+    def health(self, deadline_s: float = 5.0) -> dict[str, Any]:
+        """Whether every rank answers now, as a report with `healthy: bool` (the /healthz route's body).
+
+        Idle: a tiny probe goes through every rank (the {"op": "probe"} broadcast, then every rank's memory
+        report gathered over the control group) within `deadline_s`. The probe runs on a helper thread that
+        holds the request lock until the gang has left the collective, so a probe that outlives its deadline
+        (a rank stopped or gone) answers unhealthy without leaving the gang half inside a collective: the
+        next request waits for it (and a gang that never answers is ended by the heartbeat). Concurrent
+        callers share one probe, and a probe that finished less than 1 s ago is reused, so a flood of health
+        checks cannot starve requests of the gang.
+        Busy (a request holds the gang): a probe would queue behind it, so the answer is "busy", healthy iff
+        the heartbeat saw every rank within its timeout.
+        """
+        t0 = time.monotonic()
+        rt = self.server.rt
+        deadline_s = max(0.0, float(deadline_s))
+        hs = self.__dict__.setdefault("_health", {"lock": threading.Lock(), "probe": None})  # atomic under the GIL
+        report: dict[str, Any] = {"healthy": False, "status": "unhealthy", "world_size": rt.world_size,
+                                  "deadline_s": deadline_s, "heartbeat_age_s": None, "heartbeat_timeout_s": None}
+        beat_ok = True
+        hb = rt.heartbeat
+        if hb is not None:
+            age = max(0.0, time.time() - hb.last_ok)
+            report.update(heartbeat_age_s=round(age, 3), heartbeat_timeout_s=hb.timeout)
+            beat_ok = bool(hb.healthy) and age <= hb.timeout
+
+        def run_probe(probe: dict) -> None:  # holds self._lock (taken by the caller), releases it at the end
+            try:
+                rt.broadcast_object({"op": "probe"})
+                probe["ranks"] = rt.all_gather_object(memory_report(rt))
+            except Exception as exc:  # noqa: BLE001 - a peer is gone: reported, the heartbeat ends the gang
+                probe["error"] = picklable(exc)
+            finally:
+                probe["finished"] = time.monotonic()
+                probe["done"].set()
+                self._lock.release()
+
+        with hs["lock"]:
+            probe = hs["probe"]
+            if probe is None or (probe["done"].is_set() and time.monotonic() - probe["finished"] > 1.0):
+                if self._lock.acquire(blocking=False):
+                    probe = hs["probe"] = {"started": time.monotonic(), "done": threading.Event(), "ranks": None,
+                                           "error": None, "finished": None}
+                    threading.Thread(target=run_probe, args=(probe,), name="wan-health-probe", daemon=True).start()
+                elif probe is None or probe["done"].is_set():
+                    probe = None  # a request (or a memory report) holds the gang
+        if probe is None:
+            report.update(healthy=beat_ok, status="busy" if beat_ok else "unhealthy",
+                          request_running=bool(self.busy), ranks=self.server.last_memory,
+                          reason=None if beat_ok else "the heartbeat has not seen every rank within its timeout")
+            report["check_s"] = round(time.monotonic() - t0, 4)
+            return report
+        probe["done"].wait(max(0.0, deadline_s - (time.monotonic() - t0)))
+        report["probe_age_s"] = round(time.monotonic() - probe["started"], 4)
+        if not probe["done"].is_set():
+            report["reason"] = (f"the probe started {time.monotonic() - probe['started']:.1f} s ago has not come "
+                                f"back from every rank (deadline {deadline_s:g} s)")
+        elif probe["error"] is not None:
+            report["reason"] = f"the probe failed: {probe['error']}"
+        elif not beat_ok:
+            report["reason"] = "the heartbeat has not seen every rank within its timeout"
+        else:
+            report.update(healthy=True, status="ok", probe_s=round(probe["finished"] - probe["started"], 4))
+        report["ranks"] = probe["ranks"] or []
+        report["check_s"] = round(time.monotonic() - t0, 4)
+        return report
+
     def cancel(self) -> None:
         """Stop the running request at the next step boundary on every rank."""
         if self.busy:
@@ -255,6 +324,31 @@ class Dispatcher:
             finally:
                 self.busy = False
                 self.cancel_event.clear()
+                trim_host_memory()
+
+
+def trim_host_memory() -> None:
+    """Give the host memory freed by a request back to the system (glibc only; elsewhere a no-op).
+
+    Each request's tensors are freed, but glibc keeps freed blocks in the malloc arena of the thread that
+    used them, and the UI runs every request on a fresh thread: without a trim, rank 0's RSS grew ~40 MiB
+    per request on CPU (776 → 1,892 MiB over 33 requests, docs/RELIABILITY.md)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        gc.collect()
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def fingerprint(path: Path) -> tuple:

@@ -1,0 +1,386 @@
+"""Helpers for tests/test_reliability.py: a `./launch.sh --nproc N` gang on a free port that torchrun may
+restart, its rank processes and their memory, a raw client of Gradio's queue protocol (every byte the
+client receives is kept, to look for tracebacks), raw HTTP probes (no URL normalisation), the fuzz cases."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.ui_server import ROOT, free_port
+
+USER, PASSWORD = "reliability", "s3cret-pass"
+# What a Python traceback looks like when it leaks into an answer.
+TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+|\bline \d+, in \w+")
+FIELDS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
+          "base_seed", "sample_solver", "batch_size", "layout", "teacache")
+# Any field name a validation error may start with ("layout" covers ulysses/ring/cfg sizes).
+ERROR_FIELDS = (*FIELDS, "ulysses_size", "ring_size", "cfg_size")
+BUSY = "Queue is full"
+
+
+# -- the gang ---------------------------------------------------------------------------------------------
+@dataclass
+class Gang:
+    """`./launch.sh --nproc N` (torchrun) serving the tiny model on CPU, started in its own session."""
+
+    url: str
+    port: int
+    outputs: Path
+    proc: subprocess.Popen
+    log_path: Path
+    nproc: int
+    ready_at: float | None = None  # time.monotonic() when the page first answered
+
+    def log(self, tail: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:] if tail else self.log_path.read_text(errors="replace")
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def videos(self) -> list[Path]:
+        return sorted(self.outputs.glob("*.mp4"))
+
+    def rank_pids(self) -> dict[int, int]:
+        return rank_pids(self.proc.pid)
+
+    def rss_mib(self) -> dict[int, float]:
+        """RANK → resident set size (MiB) of each rank process."""
+        return {rank: rss_mib(pid) for rank, pid in sorted(self.rank_pids().items())}
+
+    def serving(self) -> bool:
+        try:
+            return httpx.get(self.url + "/gradio_api/info", timeout=2).status_code in (200, 401)
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout: float = 240) -> Gang:
+        deadline = time.monotonic() + timeout
+        while not self.serving():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the gang exited with {self.proc.returncode} before serving:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gang did not serve within {timeout:.0f} s:\n{self.log()}")
+            time.sleep(0.25)
+        if self.ready_at is None:
+            self.ready_at = time.monotonic()
+        return self
+
+    def watch_ready(self) -> threading.Thread:
+        """Record `ready_at` from a background thread (only /gradio_api/info is asked: it never touches the gang)."""
+        def watch() -> None:
+            with contextlib.suppress(Exception):  # a gang that never serves is reported by wait_ready later
+                self.wait_ready()
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        """End the gang at once: the torchrun agent first (so it restarts nothing), then every rank."""
+        pids = self.rank_pids()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(30)
+
+
+def start_gang(tmp: Path, tiny_dir: Path, *args: str, nproc: int = 2, max_restarts: int = 3,
+               auth: bool = True) -> Gang:
+    """Start `./launch.sh --nproc N` with the test interpreter's venv (no set-up), without waiting."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    outputs = tmp / "outputs"
+    flags = ["--nproc", str(nproc), "--port", str(port), "--outputs_dir", str(outputs), *args]
+    if auth:
+        flags += ["--auth", f"{USER}:{PASSWORD}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(WAN_TINY_DIR=str(tiny_dir), CUDA_VISIBLE_DEVICES="", GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", LAUNCH_NO_VENV="1", LAUNCH_MAX_RESTARTS=str(max_restarts),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    env.pop("WAN_VENV", None)
+    log_path = tmp / "gang.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["./launch.sh", *flags], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return Gang(f"http://127.0.0.1:{port}", port, outputs, proc, log_path, nproc)
+
+
+def rank_pids(agent_pid: int) -> dict[int, int]:
+    """RANK → pid of the live worker processes of a torchrun agent."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) != agent_pid or stat[0] == "Z":
+                continue
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        for kv in env:
+            if kv.startswith(b"RANK="):
+                out[int(kv[5:])] = int(d.name)
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- HTTP -------------------------------------------------------------------------------------------------
+def login_cookies(url: str) -> httpx.Cookies:
+    with httpx.Client(base_url=url, timeout=30) as http:
+        r = http.post("/login", data={"username": USER, "password": PASSWORD})
+        assert r.status_code == 200, r.text
+        return http.cookies
+
+
+def health(url: str, cookies: httpx.Cookies | None = None, deadline: float | None = None,
+           timeout: float = 40) -> tuple[int | None, dict]:
+    """(HTTP status, body) of /healthz; (None, {"error": ...}) when nothing answers."""
+    params = {"deadline": str(deadline)} if deadline is not None else None
+    try:
+        r = httpx.get(url + "/healthz", params=params, cookies=cookies, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return None, {"error": type(exc).__name__}
+    try:
+        return r.status_code, r.json()
+    except ValueError:
+        return r.status_code, {"text": r.text}
+
+
+def raw_get(port: int, target: str, cookie: str = "", timeout: float = 20) -> tuple[int, bytes]:
+    """GET exactly `target` (no normalisation of ../ or %-escapes, unlike httpx); (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest("GET", target, skip_accept_encoding=True)
+        if cookie:
+            conn.putheader("Cookie", cookie)
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def cookie_header(cookies: httpx.Cookies) -> str:
+    return "; ".join(f"{k}={v}" for k, v in cookies.items())
+
+
+@dataclass
+class Answer:
+    """One request through Gradio's queue, as the client saw it."""
+
+    kind: str  # "result" | "error" | "busy" | "refused" (HTTP 4xx/5xx at join) | "lost" (stream ended without an answer)
+    status: int | None = None
+    error: str | None = None
+    title: str | None = None
+    output: Any = None
+    raw: str = ""  # every byte received, for the traceback check
+    seconds: float = 0.0
+
+
+class QueueClient:
+    """Gradio's queue protocol by hand (join, then the SSE stream), so that any JSON can be sent — NaN and
+    ±Infinity literals, wrong types, huge numbers — and every byte of the answer can be inspected."""
+
+    def __init__(self, url: str, api_name: str = "generate", login: bool = True) -> None:
+        self.http = httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=120))
+        if login:
+            r = self.http.post("/login", data={"username": USER, "password": PASSWORD})
+            assert r.status_code == 200, r.text
+        config = self.http.get("/config").json()
+        self.fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def join(self, body: str) -> httpx.Response:
+        return self.http.post("/gradio_api/queue/join", content=body.encode("utf-8", "surrogatepass"),
+                              headers={"content-type": "application/json"})
+
+    def call(self, data: Any, fn_index: Any = None) -> Answer:
+        t0 = time.monotonic()
+        session = uuid.uuid4().hex[:12]
+        body = json.dumps({"data": data, "fn_index": self.fn_index if fn_index is None else fn_index,
+                           "session_hash": session, "event_data": None, "trigger_id": None})  # NaN/Infinity literals kept
+        r = self.join(body)
+        raw = r.text
+        if r.status_code != 200:
+            kind = "busy" if BUSY in r.text else "refused"
+            return Answer(kind, r.status_code, error=r.text[:300], raw=raw, seconds=time.monotonic() - t0)
+        event_id = r.json().get("event_id")
+        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                raw += line + "\n"
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                if msg.get("event_id") not in (None, event_id):
+                    continue
+                if msg.get("msg") == "process_completed":
+                    out = msg.get("output") or {}
+                    seconds = time.monotonic() - t0
+                    if msg.get("success"):
+                        return Answer("result", 200, output=out.get("data"), raw=raw, seconds=seconds)
+                    return Answer("error", 200, error=out.get("error"), title=msg.get("title"), raw=raw, seconds=seconds)
+                if msg.get("msg") in ("unexpected_error", "close_stream"):
+                    return Answer("lost", 200, error=str(msg.get("message")), raw=raw, seconds=time.monotonic() - t0)
+        return Answer("lost", 200, error="stream ended", raw=raw, seconds=time.monotonic() - t0)
+
+
+# -- fuzz cases ---------------------------------------------------------------------------------------------
+def base_request(layout: str) -> list[Any]:
+    """The cheapest valid request (16*16, 1 frame, 1 step: ~0.5 s on 2 CPU cores), in /generate's order."""
+    return ["a red fox in the snow", "", "16*16", 1, 1, 5.0, 5.0, 7, "unipc", 1, layout, 0.0]
+
+
+def hostile_values() -> list[Any]:
+    """Values no field should take, plus a few that some fields legitimately accept."""
+    nan, inf = float("nan"), float("inf")
+    return [
+        # wrong types
+        None, True, False, [], {}, [1, 2], [None], [[[]]], {"a": 1}, {"path": "../../etc/passwd"},
+        {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}},
+        {"path": "../../../../etc/passwd", "url": "file:///etc/passwd", "meta": {"_type": "gradio.FileData"}},
+        # numbers: non-finite, negative, huge, fractional
+        nan, inf, -inf, 0, -1, -7, 1, 0.5, -0.0, 1e-300, 1e308, -1e308, 2**31, -(2**31) - 1, 2**63, 2**64 + 1,
+        10**30, -(10**30), 10**400, 4 * 60 + 1.5,
+        # strings that look like numbers, or not
+        "", " ", "0", "-1", "5", "1e309", "nan", "NaN", "Infinity", "-inf", "0x10", "1_000", "١٢", " 17 ", "4n+1",
+        # long and control-character strings
+        "x" * 100_000, "é" * 2001, "\x00", "\x00\x01\x02\x1b[2J\x7f\x9b", "a\r\nb\tc", "\u202e\u200b\ufeff", "名前🎥" * 50,
+        "a cat \ud800", "\udfff",
+        # path-like, injection-like
+        "../../etc/passwd", "/etc/passwd", "..\\..\\windows\\win.ini", "file:///etc/passwd",
+        "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "%252e%252e%252fetc%252fpasswd", "/proc/self/environ", "~/.ssh/id_rsa",
+        "outputs/../../app.py", "<script>alert(1)</script>", "{{7*7}}", "${jndi:ldap://127.0.0.1/x}",
+        "'; DROP TABLE t; --", "\r\n\r\nHTTP/1.1 200 OK", "208*144\n", "16*16*16", "0*0", "-16*-16", "99999*99999",
+        "16x16", "16 * 16", "1e3*16", "unipc ", "UNIPC", "ulysses 3 × ring 1",
+    ]
+
+
+def fuzz_cases(n: int, layout: str, seed: int = 0) -> list[tuple[list[Any], set[str]]]:
+    """n requests, each the base request with 1 to 3 fields set to hostile values; with the fields changed.
+    The first len(FIELDS) × len(hostile_values()) cases (in a seeded order) set every hostile value on every
+    field once; the rest are random combinations."""
+    rng = random.Random(seed)
+    values = hostile_values()
+    sweep = [(i, v) for i in range(len(FIELDS)) for v in values]
+    rng.shuffle(sweep)
+    cases = []
+    for k in range(n):
+        data = base_request(layout)
+        if k < len(sweep):
+            picks = [sweep[k]]
+        else:
+            picks = [(i, rng.choice(values)) for i in rng.sample(range(len(FIELDS)), rng.randint(1, 3))]
+        for i, v in picks:
+            data[i] = v
+        cases.append((data, {FIELDS[i] for i, _ in picks}))
+    return cases
+
+
+def expensive(data: list[Any]) -> bool:
+    """A valid but costly combination (big sizes, many frames/steps/videos): not what this fuzz is about."""
+    def num(x: Any) -> float:
+        try:
+            f = float(x)
+        except (TypeError, ValueError, OverflowError):
+            return 0.0
+        return f if math.isfinite(f) else 0.0
+
+    size = data[2] if isinstance(data[2], str) else ""
+    sides = [int(s) for s in re.findall(r"\d+", size)[:2]] if re.fullmatch(r"\s*\d{1,5}\s*[*xX]\s*\d{1,5}\s*", size) else []
+    pixels = sides[0] * sides[1] if len(sides) == 2 else 0
+    frames = num(data[3]) if data[3] is not None else 17
+    steps = num(data[4]) if data[4] is not None else 10
+    batch = num(data[9]) if data[9] is not None else 1
+    return pixels > 320 * 320 or frames > 33 or steps > 20 or batch > 2
+
+
+@dataclass
+class FuzzTally:
+    results: int = 0
+    field_errors: int = 0
+    gradio_refusals: int = 0  # FileData-shaped values: Gradio's own file check refuses them before our handler
+    busy: int = 0
+    bad: list[str] = field(default_factory=list)
+    tracebacks: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.results + self.field_errors + self.gradio_refusals + self.busy + len(self.bad)
+
+
+def file_data_shaped(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("meta"), dict) and value["meta"].get("_type") == "gradio.FileData"
+
+
+def judge(answer: Answer, data: list[Any], changed: set[str], tally: FuzzTally) -> None:
+    """Count one fuzz answer; anything that is not a result, a field error naming a changed field, "busy", or
+    Gradio's refusal of a FileData-shaped value goes into tally.bad with the request."""
+    if TRACEBACK.search(answer.raw):
+        tally.tracebacks += 1
+        tally.bad.append(f"traceback text in the answer to {short(data)}: {answer.raw[:300]!r}")
+        return
+    if answer.kind == "result":
+        tally.results += 1
+    elif answer.kind == "busy":
+        tally.busy += 1
+    elif answer.kind == "error" and answer.error and answer.error.split(":", 1)[0] in ERROR_FIELDS:
+        named = answer.error.split(":", 1)[0]
+        if named in changed or (named in ("ulysses_size", "ring_size", "cfg_size") and "layout" in changed):
+            tally.field_errors += 1
+        else:
+            tally.bad.append(f"error names {named!r} but only {sorted(changed)} changed: {short(data)} -> {answer.error[:200]!r}")
+    elif answer.kind == "error" and answer.error is None and any(file_data_shaped(v) for v in data):
+        tally.gradio_refusals += 1
+    else:
+        tally.bad.append(f"{answer.kind} {answer.status} {answer.title!r} {str(answer.error)[:200]!r} for {short(data)}")
+
+
+def short(data: Any) -> str:
+    return repr([(v[:40] + f"...({len(v)} chars)") if isinstance(v, str) and len(v) > 40 else v for v in data])[:400] \
+        if isinstance(data, list) else repr(data)[:400]
