@@ -361,61 +361,38 @@ def test_fuzzed_requests_get_a_result_or_a_field_error_and_no_traceback(gangs, s
     assert "Done" in out[4]
 
 
-# Values that once broke the app (each is also in the fuzz above): one regression test each.
-def test_layout_of_a_non_text_type_is_refused_naming_the_field(gangs):
-    gang = gangs.get(SHORT)
+# Values that once broke the app (each is also in the fuzz above): the exact answer each gets now.
+def ask(gang, **changes) -> object:
+    """One raw queue call of /generate: the base request (a 16×16 one-step video) with `changes` applied."""
+    data = dict(zip(FIELDS, ["a cat", "", "16*16", 1, 1, 5.0, 5.0, 1, "unipc", 1, None, 0.0]))
     qc = QueueClient(gang.url)
     try:
-        answer = qc.call(["a cat", "", "16*16", 1, 1, 5.0, 5.0, 1, "unipc", 1, ["ulysses 2 × ring 1"], 0.0])
+        return qc.call(list({**data, **changes}.values()))
     finally:
         qc.close()
-    assert answer.kind == "error" and str(answer.error).startswith("layout:"), answer
 
 
-def test_prompt_with_an_unpaired_surrogate_is_refused_before_anything_runs(gangs):
+@pytest.mark.parametrize("changes, message", [
+    # was: TypeError (a list is unhashable) -> a bare "Error"
+    ({"layout": ["ulysses 2 × ring 1"]}, "layout: must be one of: "),
+    # was: the request ran, then the UTF-8 sidecar failed and left an mp4 without its .json
+    ({"prompt": "a cat \ud800"}, "prompt: must be valid Unicode text; character 6 is an unpaired surrogate '\\ud800'"),
+    # was: OverflowError in math.isfinite -> a bare "Error"
+    ({"frame_num": 10**400}, "frame_num: must be between 1 and 241, got an integer of 401 digits"),
+    # was: accepted, then every rank failed at step 0 ("sample_shift must be > 0")
+    ({"sample_shift": 0}, "sample_shift: must be greater than 0 and at most 20, got 0"),
+])
+def test_values_that_once_broke_the_app_are_refused_naming_the_field(gangs, changes, message):
     gang = gangs.get(SHORT)
     before = gang.videos()
-    qc = QueueClient(gang.url)
-    try:
-        answer = qc.call(["a cat \ud800", "", "16*16", 1, 1, 5.0, 5.0, 1, "unipc", 1, None, 0.0])
-    finally:
-        qc.close()
-    try:
-        assert answer.kind == "error" and str(answer.error).startswith("prompt:"), answer
-        assert gang.videos() == before
-    finally:  # (before the fix the failed run left an mp4 without its sidecar: keep the history clean regardless)
-        for p in set(gang.videos()) - set(before):
-            p.unlink()
-
-
-def test_integer_beyond_float_range_is_refused_naming_the_field(gangs):
-    gang = gangs.get(SHORT)
-    qc = QueueClient(gang.url)
-    try:
-        answer = qc.call(["a cat", "", "16*16", 10**400, 1, 5.0, 5.0, 1, "unipc", 1, None, 0.0])
-    finally:
-        qc.close()
-    assert answer.kind == "error" and str(answer.error).startswith("frame_num:"), answer
-
-
-def test_sample_shift_0_is_refused_before_it_reaches_the_ranks(gangs):
-    gang = gangs.get(SHORT)
-    qc = QueueClient(gang.url)
-    try:
-        answer = qc.call(["a cat", "", "16*16", 1, 1, 5.0, 0, 1, "unipc", 1, None, 0.0])
-    finally:
-        qc.close()
-    assert answer.kind == "error" and str(answer.error).startswith("sample_shift:"), answer
+    answer = ask(gang, **changes)
+    assert answer.kind == "error" and str(answer.error).startswith(message), answer
+    assert gang.videos() == before  # refused before anything ran
 
 
 def test_null_sample_steps_takes_the_default_instead_of_failing(gangs):
-    gang = gangs.get(SHORT)
-    qc = QueueClient(gang.url)
-    try:
-        answer = qc.call(["a cat", "", "16*16", 1, None, 5.0, 5.0, 1, "unipc", 1, None, 0.0])
-    finally:
-        qc.close()
-    assert answer.kind == "result", answer
+    """was: validation took the default, then the progress bar read float(None) -> a bare "Error"."""
+    assert ask(gangs.get(SHORT), sample_steps=None).kind == "result"
 
 
 # -- 3. file routes -----------------------------------------------------------------------------------------
