@@ -142,15 +142,26 @@ def fp32_reference(model, x, t, ctx):
 
 @torch.no_grad()
 def bench_case(model_name: str, size: str, frames: int, runs: int, compile_: bool, with_diffusers: bool,
-               peak_tflops: float, fp32_ref: bool = False, profile: bool = False, compile_mode: str | None = None):
+               peak_tflops: float, fp32_ref: bool = False, profile: bool = False, compile_mode: str | None = None,
+               attention: str | None = None):
     cfg = DIT_CONFIGS[model_name]
     w, h = (int(v) for v in size.split("*"))
     ours = random_model(cfg)
+    kernel_name = "sdpa (torch's choice: cuDNN on Hopper)"
+    if attention:  # the server's kernels (parallel/kernels.py), as apply_layout sets them on one GPU
+        from parallel.apply import LocalAttention
+        from parallel.kernels import get_kernel
+
+        kernel = get_kernel(attention, torch.device("cuda"))
+        kernel_name = kernel.name
+        for block in ours.blocks:
+            block.self_attn.attn_fn = LocalAttention(kernel)
+            block.cross_attn.attn_fn = LocalAttention(kernel, cross=True)
     x, t, ctx = inputs(cfg, w, h, frames)
     tokens = token_count(w, h, frames)
     flops = model_flops(cfg, tokens)
-    case = {"model": model_name, "size": size, "frames": frames, "tokens": tokens, "compile": compile_,
-            "model_tflop": round(flops / 1e12, 1)}
+    case = {"model": model_name, "size": size, "frames": frames, "tokens": tokens, "attention": kernel_name,
+            "compile": compile_, "model_tflop": round(flops / 1e12, 1)}
     if compile_:
         from parallel.speed import apply_compile
 
@@ -203,6 +214,8 @@ def main() -> None:
     ap.add_argument("--fp32-ref", action="store_true", help="also compare with a float32 evaluation (slow)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward of ours")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for ours (e.g. max-autotune-no-cudagraphs)")
+    ap.add_argument("--attention", default=None, help="our attention kernel as the server picks it (--attention of "
+                                                       "app.py: auto, sdpa_cudnn, flash_attn_4, ...); default: plain SDPA")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     gpu = torch.cuda.get_device_name()
@@ -213,7 +226,7 @@ def main() -> None:
         for s in a.sizes.split(","):
             for comp in ([False, True] if a.compile else [False]):
                 c = bench_case(m, s, a.frames, a.runs, comp, not a.no_diffusers, peak, a.fp32_ref and not comp,
-                               a.profile, a.compile_mode)
+                               a.profile, a.compile_mode, a.attention)
                 print(json.dumps(c), flush=True)
                 cases.append(c)
                 torch._dynamo.reset()  # compiled code holds the models: let them go before the next case

@@ -37,6 +37,7 @@ def main() -> None:
         "plain": ([], {}),
         "compile+swap+offload+teacache": (["--compile", "--blocks_to_swap", "1", "--offload_percent", "0.5"], {"teacache": 0.1}),
         "xfuser": (["--sp_backend", "xfuser"], {}),
+        "sdpa_cudnn": (["--attention", "sdpa_cudnn"], {}),  # plain is --attention auto (flash_attn_4 when installed)
     }
     out = {}
     for name, (argv, extra) in runs.items():
@@ -51,7 +52,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     a = load_file(lat("plain"))["latents"]
-    for name in ("xfuser", "compile+swap+offload+teacache"):
+    for name in ("xfuser", "compile+swap+offload+teacache", "sdpa_cudnn"):
         if out[name].get("ok"):
             b = load_file(lat(name))["latents"]
             print(name, "rel err vs plain", ((a - b).norm() / a.norm()).item(), flush=True)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 TASKS = ("t2v-14B", "t2v-1.3B")
-ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "flash_attn_2", "flash_attn_3", "sage", "math")
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "flash_attn_2", "flash_attn_3", "flash_attn_4", "sage",
+                      "math")
 
 
 @dataclass

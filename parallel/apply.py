@@ -32,11 +32,12 @@ log = logging.getLogger("wan.parallel")
 class LocalAttention:
     """A local kernel in the model's (B, L, heads, D) layout."""
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, cross: bool = False) -> None:
         self.kernel = kernel
+        self.fn = kernel.cross_attn if cross else kernel.attn
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return self.kernel.attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return self.fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 class ParallelCFG:
@@ -94,7 +95,7 @@ class ParallelState:
 def apply_layout(pipe: WanPipeline, groups: LayoutGroups, kernel: Kernel, sp_backend: str = "native") -> None:
     """Point the DiT's token split, attention functions and the CFG strategy at this layout's groups."""
     dit: WanDiT = pipe.dit
-    local = LocalAttention(kernel)
+    local, cross = LocalAttention(kernel), LocalAttention(kernel, cross=True)
     shards = None
     if groups.layout.sp > 1:
         shards = SequenceShards(groups)
@@ -109,7 +110,7 @@ def apply_layout(pipe: WanPipeline, groups: LayoutGroups, kernel: Kernel, sp_bac
         self_attn = XfuserAttention(groups, shards, self_attn, kernel.name, pipe.device)
     for block in dit.blocks:
         block.self_attn.attn_fn = self_attn
-        block.cross_attn.attn_fn = local
+        block.cross_attn.attn_fn = cross
     pipe.guidance = ParallelCFG(groups) if groups.layout.cfg > 1 else SequentialCFG()
 
 

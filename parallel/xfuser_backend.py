@@ -24,14 +24,14 @@ log = logging.getLogger("wan.xfuser")
 def _attn_type(ring: int, kernel_name: str):
     from yunchang.kernels import AttnType
 
-    has_fa = importlib.util.find_spec("flash_attn") is not None
+    has_fa = importlib.util.find_spec("flash_attn_2_cuda") is not None  # FA2's extension (FA4 also ships flash_attn/)
     if kernel_name == "flash_attn_3" and importlib.util.find_spec("flash_attn_interface") is not None:
         return AttnType.FA3
     if has_fa and kernel_name in ("flash_attn_2", "auto"):
         return AttnType.FA
     if ring > 1:
         return AttnType.TORCH_FLASH  # returns a real log-sum-exp; MATH / CUDNN do not
-    return AttnType.TORCH_CUDNN if kernel_name in ("auto", "sdpa_cudnn", "sdpa") else AttnType.TORCH_FLASH
+    return AttnType.TORCH_CUDNN if kernel_name in ("auto", "sdpa_cudnn", "sdpa", "flash_attn_4") else AttnType.TORCH_FLASH
 
 
 class XfuserAttention:

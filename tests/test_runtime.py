@@ -143,3 +143,29 @@ def test_unknown_attention_backend_names_the_package(tiny_model_dir):
 
     with pytest.raises(BackendUnavailable, match="attention flash_attn_2 needs a CUDA GPU"):
         get_kernel("flash_attn_2", __import__("torch").device("cpu"))
+
+
+def test_flash_attn_4_needs_a_gpu_and_a_kernel_may_name_its_own_cross_attention():
+    import torch
+
+    from parallel.apply import LocalAttention
+    from parallel.kernels import BackendUnavailable, Kernel, get_kernel, math_attn_lse
+
+    with pytest.raises(BackendUnavailable, match="attention flash_attn_4 needs a CUDA GPU; on CPU use auto, sdpa or math"):
+        get_kernel("flash_attn_4", torch.device("cpu"))
+    calls = []
+
+    def tagged(tag):
+        def attn(q, k, v):
+            calls.append((tag, tuple(q.shape), tuple(k.shape)))  # (B, H, L, D): LocalAttention transposed
+            return math_attn_lse(q, k, v)[0]
+        return attn
+
+    kern = Kernel("two", tagged("self"), math_attn_lse, cross=tagged("cross"))
+    q, kv = torch.randn(1, 6, 2, 8), torch.randn(1, 3, 2, 8)  # (B, L, heads, D)
+    out = LocalAttention(kern, cross=True)(q, kv, kv)
+    LocalAttention(kern)(q, q, q)
+    assert calls == [("cross", (1, 2, 6, 8), (1, 2, 3, 8)), ("self", (1, 2, 6, 8), (1, 2, 6, 8))]
+    ref = math_attn_lse(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2))[0].transpose(1, 2)
+    assert torch.equal(out, ref)
+    assert Kernel("one", tagged("x"), math_attn_lse).cross_attn is not None  # no cross kernel: the same one
