@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--teacache", type=float, default=0.2)
     ap.add_argument("--out")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script runs")
+    ap.add_argument("--attention", default=None, help="the server's kernel (auto, sdpa_cudnn, flash_attn_4, ...); "
+                                                       "default: plain SDPA")
     a = ap.parse_args()
     global DEV, DTYPE
     if a.smoke:
@@ -104,6 +106,15 @@ def main() -> None:
     res = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__, "size": a.size, "frames": 81,
            "steps": a.steps, "guidance": 5.0, "weights": "random (real shapes)"}
     dit = random_model(DIT_CONFIGS["tiny" if a.smoke else "14B"], device=DEV)
+    if a.attention:  # as apply_layout sets it on one GPU
+        from parallel.apply import LocalAttention
+        from parallel.kernels import get_kernel
+
+        kernel = get_kernel(a.attention, torch.device(DEV))
+        res["attention"] = kernel.name
+        for block in dit.blocks:
+            block.self_attn.attn_fn = LocalAttention(kernel)
+            block.cross_attn.attn_fn = LocalAttention(kernel, cross=True)
     te, v = text_encoder(a.smoke), vae(a.smoke)
     pipe = WanPipeline(dit, te, v, DEV, model_name="14B-random")
     pipe.model_key = "14B"
