@@ -49,3 +49,22 @@ def run_gang(nproc: int, argv: list[str], requests: list[dict], workdir: Path, t
 
 def latents(path: str | Path) -> torch.Tensor:
     return load_file(str(path))["latents"]
+
+
+def rank_pids(agent_pid: int) -> dict[int, int]:
+    """RANK → pid of the live worker processes of a torchrun agent."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) != agent_pid or stat[0] == "Z":
+                continue
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        for kv in env:
+            if kv.startswith(b"RANK="):
+                out[int(kv[5:])] = int(d.name)
+    return out

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from tests.multirank import rank_pids
 from tests.ui_server import ROOT, free_port
 
 USER, PASSWORD = "reliability", "s3cret-pass"
@@ -128,25 +129,6 @@ def start_gang(tmp: Path, tiny_dir: Path, *args: str, nproc: int = 2, max_restar
         proc = subprocess.Popen(["./launch.sh", *flags], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     return Gang(f"http://127.0.0.1:{port}", port, outputs, proc, log_path, nproc)
-
-
-def rank_pids(agent_pid: int) -> dict[int, int]:
-    """RANK → pid of the live worker processes of a torchrun agent."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[1]) != agent_pid or stat[0] == "Z":
-                continue
-            env = (d / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        for kv in env:
-            if kv.startswith(b"RANK="):
-                out[int(kv[5:])] = int(d.name)
-    return out
 
 
 def rss_mib(pid: int) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from parallel.layout import LayoutError, ParallelLayout, check_layout, default_layout, resolve_layout
-from tests.multirank import ROOT, free_port, gang_env, latents, run_gang
+from tests.multirank import ROOT, free_port, gang_env, latents, rank_pids, run_gang
 
 REQ = {"prompt": "a lighthouse at night", "size": "208*144", "frame_num": 5, "sample_steps": 5, "base_seed": 7}
 
@@ -74,25 +74,6 @@ def test_idle_longer_than_compute_timeout_then_next_request_works(tiny_model_dir
     assert [r["ok"] for r in results] == [True, True], results
 
 
-def _rank_pids(root_pid: int) -> dict[int, int]:
-    """RANK → pid of the worker processes under a torchrun process."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            env = (d / "environ").read_bytes().split(b"\0")
-            stat = (d / "stat").read_text().split()
-        except OSError:
-            continue
-        if int(stat[3]) != root_pid:
-            continue
-        for kv in env:
-            if kv.startswith(b"RANK="):
-                out[int(kv[5:])] = int(d.name)
-    return out
-
-
 @pytest.mark.multirank
 def test_sigkill_of_a_worker_ends_the_whole_gang_quickly(tiny_model_dir, tmp_path):
     env = gang_env(tiny_model_dir)
@@ -106,7 +87,7 @@ def test_sigkill_of_a_worker_ends_the_whole_gang_quickly(tiny_model_dir, tmp_pat
         pids: dict[int, int] = {}
         while time.time() < deadline and len(pids) < 2:
             time.sleep(0.5)
-            pids = _rank_pids(proc.pid)
+            pids = rank_pids(proc.pid)
         assert len(pids) == 2, "workers did not start"
         time.sleep(6)  # let it load and start denoising
         t0 = time.time()
