@@ -149,14 +149,12 @@ def bench_case(model_name: str, size: str, frames: int, runs: int, compile_: boo
     ours = random_model(cfg)
     kernel_name = "sdpa (torch's choice: cuDNN on Hopper)"
     if attention:  # the server's kernels (parallel/kernels.py), as apply_layout sets them on one GPU
-        from parallel.apply import LocalAttention
+        from parallel.apply import apply_local_attention
         from parallel.kernels import get_kernel
 
         kernel = get_kernel(attention, torch.device("cuda"))
         kernel_name = kernel.name
-        for block in ours.blocks:
-            block.self_attn.attn_fn = LocalAttention(kernel)
-            block.cross_attn.attn_fn = LocalAttention(kernel, cross=True)
+        apply_local_attention(ours, kernel)
     x, t, ctx = inputs(cfg, w, h, frames)
     tokens = token_count(w, h, frames)
     flops = model_flops(cfg, tokens)

@@ -107,14 +107,12 @@ def main() -> None:
            "steps": a.steps, "guidance": 5.0, "weights": "random (real shapes)"}
     dit = random_model(DIT_CONFIGS["tiny" if a.smoke else "14B"], device=DEV)
     if a.attention:  # as apply_layout sets it on one GPU
-        from parallel.apply import LocalAttention
+        from parallel.apply import apply_local_attention
         from parallel.kernels import get_kernel
 
         kernel = get_kernel(a.attention, torch.device(DEV))
         res["attention"] = kernel.name
-        for block in dit.blocks:
-            block.self_attn.attn_fn = LocalAttention(kernel)
-            block.cross_attn.attn_fn = LocalAttention(kernel, cross=True)
+        apply_local_attention(dit, kernel)
     te, v = text_encoder(a.smoke), vae(a.smoke)
     pipe = WanPipeline(dit, te, v, DEV, model_name="14B-random")
     pipe.model_key = "14B"

@@ -113,8 +113,6 @@ def residual_rows(tokens: int) -> list[tuple[str, float, float]]:
 
 def elementwise_rows(tokens: int) -> list[tuple[str, float, float]]:
     """(name, ms, GB/s) of the fused elementwise kernels (engine/fused.py) at the 14B width."""
-    import os
-
     from engine import fused
     from engine.dit import rope_table
 
@@ -127,15 +125,8 @@ def elementwise_rows(tokens: int) -> list[tuple[str, float, float]]:
     table = rope_table((21, 1, tokens // 21), D // HEADS, torch.device(dev))  # 21 latent frames
     gb_x, gb_h = tokens * D * 4 / 1e9, tokens * D * 2 / 1e9
 
-    def rope(mode):
-        def fn():
-            os.environ["WAN_RMS_ROPE"] = mode
-            return fused.rms_norm_rope(q, w, 1e-6, table, HEADS)
-        return fn
-
     cases = [
-        ("rms_norm_rope whole-row (pow2 lanes)", rope("whole-row"), 2 * gb_h),
-        ("rms_norm_rope chunked", rope("chunked"), 2 * gb_h),
+        ("rms_norm_rope", lambda: fused.rms_norm_rope(q, w, 1e-6, table, HEADS), 2 * gb_h),
         ("gated_residual", lambda: fused.gated_residual(x, y, gate), 2 * gb_x + gb_h),
         ("modulate", lambda: fused.modulate(x, shift, scale, 1e-6, dt), gb_x + gb_h),
         ("gated_residual + modulate (2 kernels)",
@@ -146,7 +137,6 @@ def elementwise_rows(tokens: int) -> list[tuple[str, float, float]]:
     for name, fn, gb in cases:
         ms = time_cuda(fn, runs=20, warmup=3)
         rows.append((name, ms, gb / ms * 1e3 / 1e3))  # TB/s in the last column for these
-    os.environ["WAN_RMS_ROPE"] = "chunked"
     return rows
 
 

@@ -7,9 +7,6 @@ the 3-10 passes the plain torch ops take. Triton kernels on CUDA; the same math 
   gated_residual(x, y, gate)           x + y·gate in fp32
   residual_norm(x, y, gate, b, a, ...) x' = x + y·gate, then LayerNorm(x')·a + b (a = 1 + scale with
                                        one_plus): both outputs from one read of x and y
-
-WAN_RMS_ROPE=whole-row selects the earlier RMSNorm+RoPE kernel (one row padded to a power of two; 0.419 vs
-0.372 ms at 32,760×5120 on H100, benchmarks/micro_kernels.py), kept to compare against.
 """
 
 from __future__ import annotations
@@ -53,29 +50,11 @@ if _HAS_TRITON:
         tl.store(out_ptr + row.to(tl.int64) * dim + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rms_rope_kernel(x_ptr, w_ptr, tab_ptr, out_ptr, tokens, dim, eps, HEAD: tl.constexpr, HALF: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.arange(0, HALF)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (HALF, 2): channel pairs
-        mask = offs < dim
-        base = row.to(tl.int64) * dim
-        x0, x1 = tl.split(tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32))
-        rstd = tl.rsqrt((tl.sum(x0 * x0, axis=0) + tl.sum(x1 * x1, axis=0)) / dim + eps)
-        w0, w1 = tl.split(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-        even = tl.arange(0, HALF) * 2
-        pmask = even < dim
-        d = even % HEAD
-        tok = (row % tokens).to(tl.int64)
-        cos = tl.load(tab_ptr + tok * 2 * HEAD + d, mask=pmask, other=0.0)
-        sin = tl.load(tab_ptr + tok * 2 * HEAD + HEAD + d + 1, mask=pmask, other=0.0)  # +sin_j at odd channels
-        y0, y1 = x0 * rstd * w0, x1 * rstd * w1
-        out = tl.join(y0 * cos - y1 * sin, y1 * cos + y0 * sin)  # (HALF, 2)
-        tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
     def _rms_rope_chunked_kernel(x_ptr, w_ptr, tab_ptr, out_ptr, tokens, eps, DIM: tl.constexpr,
                                  HEAD: tl.constexpr, CHUNK: tl.constexpr):
-        """Same as _rms_rope_kernel, in CHUNK-pair pieces (no lanes padded to a power of two): the sum of
-        squares first, then each piece again (from L1/L2: a row is 10 KiB) to rotate and store."""
+        """RMSNorm over a row, then RoPE per channel pair, in CHUNK-pair pieces (no lanes padded to a power of
+        two: 0.372 vs 0.419 ms for one padded row at 32,760×5120 on H100): the sum of squares first, then each
+        piece again (from L1/L2: a row is 10 KiB) to rotate and store."""
         row = tl.program_id(0)
         base = row.to(tl.int64) * DIM
         pair = tl.arange(0, CHUNK)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (CHUNK, 2)
@@ -183,12 +162,8 @@ def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, table: Tensor | None, h
         return torch.addcmul(y * cos, swapped, sin).to(x.dtype)
     x = x.contiguous()
     out = torch.empty_like(x)
-    if os.environ.get("WAN_RMS_ROPE", "chunked") == "chunked":
-        _rms_rope_chunked_kernel[(b * n,)](x, weight.contiguous(), table.float().contiguous(), out, n, eps, DIM=d,
-                                           HEAD=d // heads, CHUNK=256, num_warps=4)
-    else:
-        _rms_rope_kernel[(b * n,)](x, weight.contiguous(), table.float().contiguous(), out, n, d, eps,
-                                   HEAD=d // heads, HALF=_block(d) // 2, num_warps=16)
+    _rms_rope_chunked_kernel[(b * n,)](x, weight.contiguous(), table.float().contiguous(), out, n, eps, DIM=d,
+                                       HEAD=d // heads, CHUNK=256, num_warps=4)
     return out.view(b, n, heads, d // heads)
 
 

@@ -92,6 +92,14 @@ class ParallelState:
         return lay
 
 
+def apply_local_attention(dit: WanDiT, kernel: Kernel) -> None:
+    """One GPU, no layout: every block's attention through `kernel` (cross-attention through its cross kernel)."""
+    local, cross = LocalAttention(kernel), LocalAttention(kernel, cross=True)
+    for block in dit.blocks:
+        block.self_attn.attn_fn = local
+        block.cross_attn.attn_fn = cross
+
+
 def apply_layout(pipe: WanPipeline, groups: LayoutGroups, kernel: Kernel, sp_backend: str = "native") -> None:
     """Point the DiT's token split, attention functions and the CFG strategy at this layout's groups."""
     dit: WanDiT = pipe.dit

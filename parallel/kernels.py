@@ -122,15 +122,10 @@ def _flash_attn_4(device: torch.device) -> Kernel:
         out, lse = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_lse=True)
         return out.transpose(1, 2), lse.float()  # (B, H, L, D), (B, H, L)
 
-    @torch.compiler.disable
-    def attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
-
     from torch.nn.attention import SDPBackend
 
     cross = _sdpa_backend(SDPBackend.CUDNN_ATTENTION) if _cudnn_ok(device) else None
-    return Kernel("flash_attn_4", attn, attn_lse, cross=cross)
+    return Kernel("flash_attn_4", lambda q, k, v: attn_lse(q, k, v)[0], attn_lse, cross=cross)
 
 
 def _sage() -> Kernel:

@@ -7,6 +7,7 @@ control group, so a cancel or an exception on any rank makes every rank leave at
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -209,6 +210,8 @@ class Dispatcher:
         self._lock = threading.Lock()
         self.cancel_event = threading.Event()
         self.busy = False
+        self._health_lock = threading.Lock()
+        self._probe: dict | None = None  # the last /healthz probe (shared by concurrent checks, reused for 1 s)
 
     @property
     def info(self):
@@ -226,11 +229,15 @@ class Dispatcher:
     def memory(self) -> list[dict[str, Any]]:
         """Every rank's device and memory now (a probe through every rank; serialised with requests)."""
         with self._lock:
-            self.server.rt.broadcast_object({"op": "probe"})
-            mem = self.server.rt.all_gather_object(memory_report(self.server.rt))
-            self.server.last_memory = [{**m, "peak_gib": old.get("peak_gib", m["peak_gib"])}
-                                       for m, old in zip(mem, self.server.last_memory or mem)]
-            return mem
+            return self._probe_ranks()
+
+    def _probe_ranks(self) -> list[dict[str, Any]]:
+        """The probe through every rank (the caller holds the request lock): every rank's memory report."""
+        self.server.rt.broadcast_object({"op": "probe"})
+        mem = self.server.rt.all_gather_object(memory_report(self.server.rt))
+        self.server.last_memory = [{**m, "peak_gib": old.get("peak_gib", m["peak_gib"])}
+                                   for m, old in zip(mem, self.server.last_memory or mem)]
+        return mem
 
     def health(self, deadline_s: float = 5.0) -> dict[str, Any]:
         """Whether every rank answers now, as a report with `healthy: bool` (the /healthz route's body).
@@ -248,7 +255,6 @@ class Dispatcher:
         t0 = time.monotonic()
         rt = self.server.rt
         deadline_s = max(0.0, float(deadline_s))
-        hs = self.__dict__.setdefault("_health", {"lock": threading.Lock(), "probe": None})  # atomic under the GIL
         report: dict[str, Any] = {"healthy": False, "status": "unhealthy", "world_size": rt.world_size,
                                   "deadline_s": deadline_s, "heartbeat_age_s": None, "heartbeat_timeout_s": None}
         beat_ok = True
@@ -260,8 +266,7 @@ class Dispatcher:
 
         def run_probe(probe: dict) -> None:  # holds self._lock (taken by the caller), releases it at the end
             try:
-                rt.broadcast_object({"op": "probe"})
-                probe["ranks"] = rt.all_gather_object(memory_report(rt))
+                probe["ranks"] = self._probe_ranks()
             except Exception as exc:  # noqa: BLE001 - a peer is gone: reported, the heartbeat ends the gang
                 probe["error"] = picklable(exc)
             finally:
@@ -269,11 +274,11 @@ class Dispatcher:
                 probe["done"].set()
                 self._lock.release()
 
-        with hs["lock"]:
-            probe = hs["probe"]
+        with self._health_lock:
+            probe = self._probe
             if probe is None or (probe["done"].is_set() and time.monotonic() - probe["finished"] > 1.0):
                 if self._lock.acquire(blocking=False):
-                    probe = hs["probe"] = {"started": time.monotonic(), "done": threading.Event(), "ranks": None,
+                    probe = self._probe = {"started": time.monotonic(), "done": threading.Event(), "ranks": None,
                                            "error": None, "finished": None}
                     threading.Thread(target=run_probe, args=(probe,), name="wan-health-probe", daemon=True).start()
                 elif probe is None or probe["done"].is_set():
@@ -333,22 +338,23 @@ def trim_host_memory() -> None:
     Each request's tensors are freed, but glibc keeps freed blocks in the malloc arena of the thread that
     used them, and the UI runs every request on a fresh thread: without a trim, rank 0's RSS grew ~40 MiB
     per request on CPU (776 → 1,892 MiB over 33 requests, docs/RELIABILITY.md)."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = lib if hasattr(lib, "malloc_trim") else False
-        except OSError:
-            _LIBC = False
-    if _LIBC:
+    libc = _libc()
+    if libc is not None:
         gc.collect()
-        _LIBC.malloc_trim(0)
+        libc.malloc_trim(0)
 
 
-_LIBC = None
+@functools.cache
+def _libc():
+    """glibc (for malloc_trim), or None on other C libraries."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return lib if hasattr(lib, "malloc_trim") else None
 
 
 def fingerprint(path: Path) -> tuple:
