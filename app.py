@@ -29,11 +29,6 @@ def load_config(argv: list[str] | None) -> RunConfig:
     return merge_config(preset, cli)
 
 
-def setup_logging(level: str, rank: int = 0) -> None:
-    fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr, force=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     from parallel.runtime import LaunchError
 

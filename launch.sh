@@ -75,8 +75,10 @@ if [[ -z "$NPROC" ]]; then
 fi
 if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then echo "--nproc must be a positive integer, got '$NPROC'" >&2; exit 2; fi
 
-if [[ "$NPROC" == 1 && "$NNODES" == 1 ]]; then
-  exec "$PY" app.py "${APP_ARGS[@]}"
+HEADLESS=0
+for a in "${APP_ARGS[@]}"; do [[ "$a" == --prompt || "$a" == --prompt=* ]] && HEADLESS=1; done
+if [[ "$NPROC" == 1 && "$NNODES" == 1 && ( "$HEADLESS" == 1 || "$MAX_RESTARTS" == 0 ) ]]; then
+  exec "$PY" app.py "${APP_ARGS[@]}"  # one headless run: no restarts (a failed run must not run again)
 fi
 
 # ---- torchrun gang ---------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from engine.pipeline import Cancelled
 from engine.request import MAX_BATCH, MAX_FRAMES, MAX_PROMPT_CHARS, MAX_STEPS, RequestError
 from engine.tiny import RANDOM_WEIGHTS_NOTICE
 from engine.video import list_history, read_sidecar
+from parallel.faults import ServerRestarting
 from parallel.layout import LayoutError, valid_layouts
 from parallel.serve import RankFailed, memory_report
 from presets import available_presets, load_preset
@@ -297,7 +298,7 @@ class Controller:
             job.events.put(("cancelled", str(exc)))
         except RequestError as exc:
             job.events.put(("invalid", exc))
-        except RankFailed as exc:
+        except (RankFailed, ServerRestarting) as exc:
             log.error("request failed: %s", exc)
             job.events.put(("error", str(exc)))
         except Exception as exc:  # noqa: BLE001 - logged here with its traceback; the page gets one line

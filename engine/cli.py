@@ -48,6 +48,7 @@ class RunConfig:
     sp_backend: str = "native"
     dist_timeout: float = 600.0
     heartbeat_timeout: float = 60.0  # a rank or node silent this long ends the gang (torchrun restarts it)
+    fault_grace: float = 10.0  # after a rank failed inside a request, how long the others may stay in it
     # sharding
     use_fsdp: bool = False
     dit_fsdp: bool = False
@@ -104,6 +105,8 @@ _HELP = {
     "offload_percent": "fraction (0-1) of the non-swapped DiT weights kept in host memory; higher saves more GPU memory",
     "blocks_to_swap": "number of DiT blocks streamed from host memory",
     "listen": "bind address; --listen alone means 0.0.0.0",
+    "fault_grace": "seconds the other ranks may stay inside a request after one rank failed in it (stuck in a "
+                   "collective with it) before the gang aborts its communicators and exits for torchrun to restart it",
 }
 
 

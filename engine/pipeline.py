@@ -181,6 +181,21 @@ class WanPipeline:
         result.peak_memory_gib = peak_memory_gib(self.device)
         return result
 
+    def reset_request_state(self, failed: bool = False) -> None:
+        """Drop everything a request left behind (called after every request, failed or not): the step
+        cache's residuals, a block runner's in-flight state, and after a failure the DiT's size caches."""
+        if self.cache is not None:
+            self.cache._state.clear()
+        runner = self.dit.block_runner
+        while runner is not None:
+            reset = getattr(runner, "reset", None)
+            if callable(reset):
+                reset()
+            runner = getattr(runner, "inner", None)
+        if failed and hasattr(self.dit, "clear_caches"):
+            self.dit.clear_caches()
+        self.step = 0
+
     def _setup_cache(self, req: GenerationRequest) -> None:
         """Install TeaCache around the block runner for this request (or take it out)."""
         runner = self.dit.block_runner

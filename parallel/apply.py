@@ -154,7 +154,7 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
 
         offloaded, _ = fsdp_offload_units(model, plan)
         apply_fsdp(model, model.blocks, mesh, offload=offloaded)
-        load_sharded(model, view, rt.device, dtype, "Wan2.1 DiT", files.dit)
+        load_sharded(model, view, rt.device, dtype, "Wan2.1 DiT", files.dit, host_modules=offloaded)
         if not plan.empty:
             log.info("offload under FSDP: %d blocks + %d layers keep this rank's shards in host memory",
                      len(plan.swapped), sum(len(v) for v in plan.layers.values()))
@@ -171,7 +171,7 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime, files=None) -> tuple[Wa
     dtype = resolve_dtype(cfg.dtype, rt.device)
     dit_fsdp = cfg.dit_fsdp or cfg.use_fsdp
     t5_fsdp = cfg.t5_fsdp or cfg.use_fsdp
-    if (dit_fsdp or t5_fsdp) and not rt.distributed:
+    if (dit_fsdp or t5_fsdp) and not rt.has_groups:
         notes.append("FSDP needs more than one process: running without it")
         dit_fsdp = t5_fsdp = False
     if t5_fsdp and cfg.t5_cpu:
@@ -218,7 +218,7 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime, files=None) -> tuple[Wa
 
         raise BackendUnavailable("sp_backend xfuser has no CPU path (xDiT's attention calls CUDA kernels only); "
                                  "use --sp_backend native")
-    state = ParallelState(rt, info, kernel, MeshCache(rt.world_size, rt.rank, cfg.sp_backend == "xfuser"), layout, dit_fsdp, t5_fsdp,
+    state = ParallelState(rt, info, kernel, MeshCache(rt.world_size, rt.rank, cfg.sp_backend == "xfuser", rt.device), layout, dit_fsdp, t5_fsdp,
                           cfg.use_context_parallel, cfg.sp_backend, notes, parallel_vae)
     context_parallel = layout.sp > 1
     notes.append(f"attention kernel: {kernel.name}; default layout: {layout}"

@@ -49,8 +49,13 @@ def apply_fsdp(root: nn.Module, blocks: Iterable[nn.Module], mesh, offload: Iter
 
 
 @torch.no_grad()
-def load_sharded(module: nn.Module, view: CheckpointView, device: torch.device, dtype: torch.dtype, what: str, path) -> nn.Module:
-    """Fill an FSDP2-sharded meta module: each rank reads only the rows of dim 0 it keeps."""
+def load_sharded(module: nn.Module, view: CheckpointView, device: torch.device, dtype: torch.dtype, what: str, path,
+                 host_modules: Iterable[nn.Module] = ()) -> nn.Module:
+    """Fill an FSDP2-sharded meta module: each rank reads only the rows of dim 0 it keeps.
+
+    Modules in `host_modules` (the units sharded with FSDP2's CPU offload) are materialised in host memory,
+    as FSDP2 requires, and every other tensor straight on `device`: nothing is allocated on the GPU first
+    and moved (that would need the whole model's bytes on the GPU once)."""
     from torch.distributed.tensor import DTensor
 
     expected = {n: p for n, p in module.named_parameters()}
@@ -62,7 +67,7 @@ def load_sharded(module: nn.Module, view: CheckpointView, device: torch.device, 
                 f"{path} does not match the {what}: tensor '{n}' has shape {tuple(view.shape(n))} in the file "
                 f"but the model expects {tuple(p.shape)}"
             )
-    module.to_empty(device=device)
+    materialize(module, device, host_modules)
     for n, p in module.named_parameters():
         if isinstance(p, DTensor):
             local = p.to_local()
@@ -75,6 +80,17 @@ def load_sharded(module: nn.Module, view: CheckpointView, device: torch.device, 
         else:
             p.copy_(view[n].to(device=device, dtype=p.dtype))
     return module
+
+
+def materialize(module: nn.Module, device: torch.device, host_modules: Iterable[nn.Module] = ()) -> None:
+    """`to_empty` per module: the subtrees in `host_modules` on the CPU, everything else on `device`."""
+    host = list(host_modules)
+    inside = {id(m) for h in host for m in h.modules()}
+    for m in host:
+        m.to_empty(device="cpu", recurse=True)
+    for m in module.modules():
+        if id(m) not in inside:
+            m.to_empty(device=device, recurse=False)
 
 
 def t5_sharder(mesh, device: torch.device, dtype: torch.dtype, path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger("wan.layout")
@@ -159,17 +160,57 @@ class LayoutGroups:
 
 
 class MeshCache:
-    """Process groups per layout, created on demand (in lockstep on every rank) and cached."""
+    """Process groups per layout, created on demand (in lockstep on every rank) and cached.
 
-    def __init__(self, world: int, rank: int, singletons: bool = False) -> None:
+    At most `keep` layouts keep their groups: the least recently used one is destroyed when another is
+    built (every rank sees the same sequence of layouts, so every rank evicts the same one). A new ring is
+    warmed up with one batched exchange, so its point-to-point communicators exist before the first
+    forward instead of being created inside it."""
+
+    def __init__(self, world: int, rank: int, singletons: bool = False, device=None, keep: int = 4) -> None:
         self.world, self.rank = world, rank
         self.singletons = singletons  # also make 1-rank groups (xDiT's attention wants a group per dim)
+        self.device = device
+        self.keep = max(1, keep)
         self._cache: dict[ParallelLayout, LayoutGroups] = {}
+        self.destroyed = 0
 
     def get(self, layout: ParallelLayout) -> LayoutGroups:
-        if layout not in self._cache:
-            self._cache[layout] = self._build(layout)
-        return self._cache[layout]
+        if layout in self._cache:
+            self._cache[layout] = self._cache.pop(layout)  # most recently used last
+            return self._cache[layout]
+        while len(self._cache) >= self.keep:
+            old = next(iter(self._cache))
+            self._destroy(self._cache.pop(old))
+        groups = self._build(layout)
+        self._warm_up(groups)
+        self._cache[layout] = groups
+        return groups
+
+    def layouts(self) -> list[ParallelLayout]:
+        """The layouts whose groups exist now, least recently used first."""
+        return list(self._cache)
+
+    def _destroy(self, groups: LayoutGroups) -> None:
+        seen = set()
+        for g in (groups.ulysses_group, groups.ring_group, groups.sp_group, groups.cfg_group):
+            if g is not None and id(g) not in seen:
+                seen.add(id(g))
+                dist.destroy_process_group(g)
+        self.destroyed += 1
+        log.debug("rank %d: destroyed the process groups of layout %s", self.rank, groups.layout)
+
+    def _warm_up(self, groups: LayoutGroups) -> None:
+        """One tiny exchange around this rank's ring (creates NCCL's point-to-point communicators now)."""
+        if groups.ring_group is None or groups.layout.ring < 2:
+            return
+        from parallel.usp import ring_exchange
+
+        n, me = groups.layout.ring, groups.ring_rank
+        t = torch.zeros(1, device=self.device or "cpu")
+        _, works = ring_exchange(t, groups.ring_ranks[(me + 1) % n], groups.ring_ranks[(me - 1) % n], groups.ring_group)
+        for w in works:
+            w.wait()
 
     def _build(self, lay: ParallelLayout) -> LayoutGroups:
         """Rank r = ((replica · cfg + c) · ring + g) · ulysses + u; every rank creates every group."""

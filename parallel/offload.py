@@ -11,6 +11,7 @@ Under FSDP the same plan is applied through FSDP2's CPU offload of this rank's s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -72,31 +73,77 @@ def plan_offload(blocks: nn.ModuleList, blocks_to_swap: int, offload_percent: fl
     return plan
 
 
+class HostStore:
+    """One flat host buffer holding copies of a unit's tensors, pinned in place on CUDA.
+
+    PyTorch's pinned host allocator rounds every block up to a power of two (a 135 MiB FFN weight takes
+    256 MiB, ~1.5x host memory for a 14B block), so each unit's tensors share one plain allocation that is
+    page-locked with cudaHostRegister: pinned for asynchronous copies, at its exact size."""
+
+    def __init__(self, tensors: list[Tensor], pin: bool) -> None:
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        offsets, total = [], 0
+        for n in sizes:
+            offsets.append(total)
+            total += -(-n // 64) * 64  # 64-byte alignment for every view
+        self.flat = torch.empty(max(total, 1), dtype=torch.uint8)
+        self.nbytes = total
+        self.views: list[Tensor] = []
+        for t, off, n in zip(tensors, offsets, sizes):
+            view = self.flat[off : off + n].view(t.dtype).view(t.shape)
+            view.copy_(t.detach().to("cpu"))
+            self.views.append(view)
+        self.registered = False
+        if pin and total:
+            err = torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), total, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {total / 2**20:.1f} MiB failed with CUDA error {int(err)}")
+            self.registered = True
+
+    def close(self) -> None:
+        """Unpin the buffer (before it is freed)."""
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
+            self.registered = False
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter teardown
+            self.close()
+
+
 class BlockStreamer:
-    """Host copies of each unit's tensors; `fetch` streams a unit in, `release` drops it from the device."""
+    """Host copies of each unit's tensors; `fetch` streams a unit in, `release` drops it from the device.
+
+    The state (`pending`, `resident`) is per forward: `reset()` releases every device copy and forgets
+    pending copies, and the runner calls it when a block raises, so one failed forward (an OOM on a 24 GB
+    card) never leaves the streamer believing a unit is resident."""
 
     def __init__(self, blocks: nn.ModuleList, plan: OffloadPlan, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.units: dict[int, list[tuple[nn.Parameter, Tensor]]] = {}
+        self.stores: dict[int, HostStore] = {}
         for i in range(len(blocks)):
             params = [p for m in plan.modules(blocks, i) for p in m.parameters()]
             if params:
-                self.units[i] = [(p, self._to_host(p.data)) for p in params]
-                for p, _ in self.units[i]:
+                store = HostStore([p.data for p in params], pin=self.cuda)
+                self.stores[i] = store
+                self.units[i] = list(zip(params, store.views))
+                for p in params:
                     p.data = torch.empty(0, dtype=p.dtype, device=device)
         self.order = sorted(self.units)
         self.pending: dict[int, tuple[list[Tensor], object]] = {}
         self.resident: set[int] = set()
         self.copies_in = 0
         self.releases = 0
+        self.resets = 0
         self.max_on_device = 0
 
-    def _to_host(self, t: Tensor) -> Tensor:
-        if self.cuda:
-            return t.detach().to("cpu").pin_memory()
-        return t.detach().clone()  # CPU: a separate host store, so fetch/release really copy
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of host memory the streamed tensors take (exact: no allocator rounding)."""
+        return sum(s.nbytes for s in self.stores.values())
 
     def fetch(self, i: int) -> None:
         """Start copying unit i to the device (side stream on CUDA)."""
@@ -139,6 +186,26 @@ class BlockStreamer:
         self.resident.discard(i)
         self.releases += 1
 
+    def reset(self) -> None:
+        """Forget every pending copy and release every resident unit (after a failed forward)."""
+        if self.cuda:
+            current = torch.cuda.current_stream(self.device)
+            for tensors, _ in self.pending.values():
+                for t in tensors:
+                    t.record_stream(current)  # freed only after the work queued so far
+        self.pending.clear()
+        for i in list(self.resident):
+            self.after(i)
+        self.resident.clear()
+        self.resets += 1
+
+    def close(self) -> None:
+        """Drop the host copies (the parameters stay empty: only for a streamer being replaced)."""
+        self.reset()
+        for store in self.stores.values():
+            store.close()
+        self.stores.clear()
+
 
 class StreamingRunner:
     """A block runner that streams each block's host-resident weights around the inner runner's loop."""
@@ -146,11 +213,22 @@ class StreamingRunner:
     def __init__(self, streamer: BlockStreamer) -> None:
         self.streamer = streamer
 
+    def reset(self) -> None:
+        """Forget any in-flight unit (per-request state reset)."""
+        self.streamer.reset()
+
     def __call__(self, model, x: Tensor, e: Tensor, e0: Tensor, context: Tensor, rope: Tensor) -> Tensor:
-        for i, block in enumerate(model.blocks):
-            self.streamer.before(i)
-            x = block(x, e0, context, rope)
-            self.streamer.after(i)
+        streamer = self.streamer
+        if streamer.resident:  # a forward that did not finish (the next unit may be pending: that one is kept)
+            streamer.reset()
+        try:
+            for i, block in enumerate(model.blocks):
+                streamer.before(i)
+                x = block(x, e0, context, rope)
+                streamer.after(i)
+        except BaseException:
+            streamer.reset()
+            raise
         return x
 
 

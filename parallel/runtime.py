@@ -42,10 +42,16 @@ class Runtime:
     node: int = 0  # which machine (torchrun's GROUP_RANK)
     host: str = ""
     heartbeat: Any = None
+    exiting: bool = False  # set when the gang is ending after a failure (parallel/faults.py)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def has_groups(self) -> bool:
+        """Whether process groups exist (several ranks, or one rank with WAN_ONE_RANK_GROUPS=1)."""
+        return self.compute is not None
 
     @property
     def nnodes(self) -> int:
@@ -89,6 +95,12 @@ class Runtime:
             dist.barrier(group=self.control)
 
 
+def setup_logging(level: str, rank: int = 0) -> None:
+    """Log lines to stderr, each with this process's rank."""
+    fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr, force=True)
+
+
 def _launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
@@ -116,7 +128,8 @@ def init_runtime(dist_timeout: float = 600.0, device: str | None = None) -> Runt
         torch.cuda.set_device(dev)
     node = int(os.environ.get("GROUP_RANK", str(rank // max(1, local_world))))
     rt = Runtime(rank, world, local_rank, local_world, dev, node=node, host=socket.gethostname())
-    if world == 1:
+    one_rank_groups = os.environ.get("WAN_ONE_RANK_GROUPS") == "1" and _launched_by_torchrun()
+    if world == 1 and not one_rank_groups:
         return rt
     _die_with_agent()
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -126,6 +139,9 @@ def init_runtime(dist_timeout: float = 600.0, device: str | None = None) -> Runt
         kwargs.update(store=store, rank=rank, world_size=world)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=dist_timeout), **kwargs)
     rt.compute = dist.group.WORLD
+    if world == 1:  # the GPU lane: NCCL and FSDP2 on a one-rank mesh, so that their code runs on one GPU
+        log.info("one rank with process groups (WAN_ONE_RANK_GROUPS=1): backend %s", backend)
+        return rt
     rt.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     if rank == 0:
         log.info("Initialized distributed environment with %d processes", world)
@@ -182,6 +198,8 @@ class Heartbeat:
                 self.last_ok = time.time()
             except Exception as exc:  # noqa: BLE001 - a peer is gone: the whole gang must go
                 self.healthy = False
+                if self.rt.exiting:  # the fault handling is ending the gang and exits by itself
+                    return
                 log.error("rank %d (node %d, %s) lost contact with the gang: %s; exiting so that torchrun can "
                           "restart it", self.rt.rank, self.rt.node, self.rt.host, picklable(exc))
                 exit_process(1)

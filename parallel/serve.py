@@ -2,17 +2,21 @@
 
 Rank 0 validates a request and resolves its seed, then broadcasts it on the control group; every rank
 runs the pipeline. At every denoising step the ranks agree on a status (ok / cancel / error) over the
-control group, so a cancel or an exception on any rank makes every rank leave at the same step.
+control group, so a cancel or an exception on any rank makes every rank leave at the same step. A failure
+between collectives is handled by parallel/faults.py (the fault board, the watch, the gang's restart).
+Health checks: parallel/health.py; start-up: parallel/startup.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +26,11 @@ import torch
 from engine.cli import RunConfig
 from engine.pipeline import Cancelled, GenerationResult
 from engine.request import GenerationRequest, RequestError, validate_request
-from parallel.apply import ParallelState, apply_layout, build_parallel_pipeline
+from parallel import faults
+from parallel.apply import ParallelState, apply_layout
+from parallel.faults import EXIT_RESTART, ServerRestarting
 from parallel.layout import LayoutError
-from parallel.runtime import LaunchError, Runtime, init_runtime, picklable, shutdown_runtime
+from parallel.runtime import Runtime, exit_process, shutdown_runtime
 
 log = logging.getLogger("wan.serve")
 
@@ -50,8 +56,9 @@ class StepAgreement:
 
     def __call__(self, step: int, total: int) -> None:
         self.step = step
-        if self.fault.get("rank") == self.rt.rank and self.fault.get("step") == step:
-            raise RuntimeError(self.fault.get("message", f"injected fault on rank {self.rt.rank} at step {step}"))
+        f = self.fault
+        if f.get("where", "step") == "step" and f.get("rank") == self.rt.rank and f.get("step") == step:
+            raise faults.InjectedFault(f.get("message") or f"injected fault on rank {self.rt.rank} at step {step}")
         code = CANCEL if self.cancel is not None and self.cancel.is_set() else OK
         self.agree(code, "cancelled")
         if self.progress is not None and step > 0:
@@ -64,14 +71,13 @@ class StepAgreement:
         states = self.rt.all_gather_object((code, message, self.step))
         errors = [(r, m, s) for r, (c, m, s) in enumerate(states) if c == ERROR]
         if errors:
-            timeouts = ("Timeout", "timed out", "Connection closed", "Connection reset")
-            first = next((e for e in errors if not any(t in e[1] for t in timeouts)), errors[0])
+            first = next((e for e in errors if not any(t in e[1] for t in faults.TIMEOUT_WORDS)), errors[0])
             raise RankFailed(first[0], max(0, first[2]), first[1])
         raise Cancelled(f"cancelled at step {max(0, self.step)}")
 
-    def fail(self, exc: BaseException) -> None:
-        """Report a local exception into the agreement (always raises)."""
-        self.agree(ERROR, picklable(exc))
+    def fail(self, message: str) -> None:
+        """Report a local failure into the agreement (always raises)."""
+        self.agree(ERROR, message)
         raise AssertionError("unreachable: agreement with an error always raises")
 
 
@@ -95,11 +101,12 @@ def memory_report(rt: Runtime) -> dict[str, Any]:
     if d.type == "cuda":
         name = torch.cuda.get_device_name(d)
         used = torch.cuda.memory_allocated(d) / 2**30
-        total = torch.cuda.get_device_properties(d).total_memory / 2**30
+        free, total_b = torch.cuda.mem_get_info(d)
+        total, free = total_b / 2**30, free / 2**30
     else:
-        name, used, total = "cpu", 0.0, 0.0
+        name, used, total, free = "cpu", 0.0, 0.0, 0.0
     return {"rank": rt.rank, "device": f"{d} ({name})", "in_use_gib": round(used, 3),
-            "peak_gib": round(peak_memory_gib(d), 3), "total_gib": round(total, 1)}
+            "peak_gib": round(peak_memory_gib(d), 3), "total_gib": round(total, 1), "free_gib": round(free, 3)}
 
 
 class Server:
@@ -108,6 +115,9 @@ class Server:
     def __init__(self, cfg: RunConfig, rt: Runtime, pipe, state: ParallelState) -> None:
         self.cfg, self.rt, self.pipe, self.state = cfg, rt, pipe, state
         self.last_memory: list[dict[str, Any]] = []
+        self.failed: str | None = None  # set when the gang is ending after a failure (torchrun restarts it)
+        self.board = faults.FaultBoard(faults.default_store() if rt.distributed else None)
+        self.watch = faults.FaultWatch(self.board, cfg.fault_grace, self._stuck)
         self.dispatcher = Dispatcher(self) if rt.rank == 0 else None
         self._closed = False
 
@@ -118,29 +128,83 @@ class Server:
     # -- every rank ---------------------------------------------------------------------------------------
     def execute(self, req: GenerationRequest, opts: dict, cancel=None, progress=None) -> GenerationResult:
         """Run one request on this rank in lockstep with the others; decode (spread over the ranks) when
-        opts["decode"]. The video ends up in `result.video` on rank 0."""
+        opts["decode"]. The video ends up in `result.video` on rank 0. Raises Cancelled or RankFailed,
+        fresh exceptions raised after the request's memory was freed."""
         layout = self.state.layout_for(req.ulysses_size, req.ring_size, req.cfg_size)
         apply_layout(self.pipe, self.state.meshes.get(layout), self.state.kernel, self.state.sp_backend)
-        hook = StepAgreement(self.rt, cancel, progress, opts.get("fault"))
+        fault = faults.check_fault(opts.get("fault"))
+        hook = StepAgreement(self.rt, cancel, progress, fault)
+        request_id = int(opts.get("id", 0))
         if self.rt.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.rt.device)
+        result: GenerationResult | None = None
+        outcome: Exception | None = None
+        self.watch.begin(request_id)
         try:
-            try:
+            with faults.inject(self.pipe, fault, self.rt.rank):
                 result = self.pipe.generate(req, on_step=hook, decode=False)
                 if opts.get("decode", True):
                     self._decode(result, hook)
-                return result
-            except (Cancelled, RankFailed):
-                raise
-            except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised as RankFailed
-                log.error("rank %d: %s at step %d", self.rt.rank, picklable(exc), hook.step)
-                hook.fail(exc)
-                raise
-        finally:
-            gc.collect()
-            if self.rt.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.last_memory = self.rt.all_gather_object(memory_report(self.rt))
+        except Cancelled as exc:
+            outcome = Cancelled(str(exc))
+        except RankFailed as exc:
+            outcome = RankFailed(exc.rank, exc.step, exc.error)
+        except Exception as exc:  # noqa: BLE001 - posted for every rank, agreed, then raised as RankFailed
+            outcome = self._report(exc, hook, req, request_id)
+        # the original exception and its traceback (which hold the activations) are gone from here on
+        self.watch.end()
+        if outcome is not None:
+            result = None
+        self._after_request(failed=isinstance(outcome, RankFailed))
+        if outcome is not None:
+            raise outcome
+        return result
+
+    def _report(self, exc: Exception, hook: StepAgreement, req: GenerationRequest, request_id: int) -> Exception:
+        """A local failure: post it on the fault board, then agree; returns the exception to raise."""
+        message = faults.describe(exc, req)
+        log.error("rank %d: %s at step %d", self.rt.rank, message, max(0, hook.step))
+        self.board.post(request_id, self.rt.rank, max(0, hook.step), message)
+        try:
+            hook.fail(message)
+        except RankFailed as agreed:
+            return RankFailed(agreed.rank, agreed.step, agreed.error)
+        except Cancelled as agreed:
+            return Cancelled(str(agreed))
+        return RankFailed(self.rt.rank, max(0, hook.step), message)
+
+    def _after_request(self, failed: bool) -> None:
+        """Per-request state reset on every rank, after success or failure alike; after a failure on CUDA,
+        a device that does not drain (a kernel waiting for a peer that left, a broken context) ends the gang."""
+        self.pipe.reset_request_state(failed)
+        gc.collect()
+        cuda = self.rt.device.type == "cuda"
+        if failed and cuda:
+            drained = faults.device_drains(self.rt.device)
+            if self.rt.any_flag(0 if drained else 1):
+                self._end_gang("a GPU did not finish its queued work after the failure (a collective waiting for a "
+                               "rank that left, or a CUDA error): its communicators cannot be trusted")
+        if cuda:
+            torch.cuda.empty_cache()
+        self.last_memory = self.rt.all_gather_object(memory_report(self.rt))
+
+    def _stuck(self, rank: int, step: int, message: str) -> None:
+        """The fault watch's verdict: a rank failed inside the request and this rank is still in it."""
+        failure = RankFailed(rank, step, message)
+        self._end_gang(f"{failure}; rank {self.rt.rank} is still inside the request {self.cfg.fault_grace:g} s later "
+                       "(waiting in a collective for the failed rank)", failure)
+
+    def _end_gang(self, why: str, failure: RankFailed | None = None) -> None:
+        """Answer the client (rank 0), abort the communicators and exit so that torchrun restarts the gang."""
+        self.failed = str(failure) if failure is not None else why
+        self.rt.exiting = True  # the heartbeat must not exit first (rank 0 still answers the client)
+        log.error("rank %d: %s. Aborting the communicators and exiting (code %d) so that torchrun restarts the gang",
+                  self.rt.rank, why, EXIT_RESTART)
+        if self.dispatcher is not None:
+            self.dispatcher.fail_running(failure or RuntimeError(why))
+        faults.abort_communicators(self.rt.device)
+        time.sleep(2.0 if self.is_rank0 else 4.0)  # rank 0's answer leaves before torchrun stops the gang
+        exit_process(EXIT_RESTART)
 
     def _decode(self, result: GenerationResult, hook: StepAgreement) -> None:
         """VAE decode: patch-parallel over all ranks when several hold the VAE, else on rank 0."""
@@ -190,10 +254,14 @@ class Server:
                 self.rt.all_gather_object(memory_report(self.rt))
 
     def shutdown(self) -> None:
-        """Rank 0 tells the workers to exit; every rank tears its groups down."""
+        """Rank 0 tells the workers to exit; every rank tears its groups down (after a failure that ends the
+        gang, the fault handling exits the process instead)."""
         if self._closed:
             return
         self._closed = True
+        if self.failed:
+            time.sleep(30)  # _end_gang exits the process; this only guards against it not doing so
+            exit_process(EXIT_RESTART)
         if self.is_rank0 and self.rt.distributed:
             try:
                 self.rt.broadcast_object({"op": "shutdown"})
@@ -206,12 +274,15 @@ class Dispatcher:
     """Rank 0's entry point: submit(raw request) → validated, broadcast, run everywhere, written to disk."""
 
     def __init__(self, server: Server) -> None:
+        from parallel.health import HealthCheck
+
         self.server = server
         self._lock = threading.Lock()
         self.cancel_event = threading.Event()
         self.busy = False
-        self._health_lock = threading.Lock()
-        self._probe: dict | None = None  # the last /healthz probe (shared by concurrent checks, reused for 1 s)
+        self._next_id = 0
+        self._running: Future | None = None
+        self.health = HealthCheck(self)
 
     @property
     def info(self):
@@ -239,94 +310,63 @@ class Dispatcher:
                                    for m, old in zip(mem, self.server.last_memory or mem)]
         return mem
 
-    def health(self, deadline_s: float = 5.0) -> dict[str, Any]:
-        """Whether every rank answers now, as a report with `healthy: bool` (the /healthz route's body).
-
-        Idle: a tiny probe goes through every rank (the {"op": "probe"} broadcast, then every rank's memory
-        report gathered over the control group) within `deadline_s`. The probe runs on a helper thread that
-        holds the request lock until the gang has left the collective, so a probe that outlives its deadline
-        (a rank stopped or gone) answers unhealthy without leaving the gang half inside a collective: the
-        next request waits for it (and a gang that never answers is ended by the heartbeat). Concurrent
-        callers share one probe, and a probe that finished less than 1 s ago is reused, so a flood of health
-        checks cannot starve requests of the gang.
-        Busy (a request holds the gang): a probe would queue behind it, so the answer is "busy", healthy iff
-        the heartbeat saw every rank within its timeout.
-        """
-        t0 = time.monotonic()
-        rt = self.server.rt
-        deadline_s = max(0.0, float(deadline_s))
-        report: dict[str, Any] = {"healthy": False, "status": "unhealthy", "world_size": rt.world_size,
-                                  "deadline_s": deadline_s, "heartbeat_age_s": None, "heartbeat_timeout_s": None}
-        beat_ok = True
-        hb = rt.heartbeat
-        if hb is not None:
-            age = max(0.0, time.time() - hb.last_ok)
-            report.update(heartbeat_age_s=round(age, 3), heartbeat_timeout_s=hb.timeout)
-            beat_ok = bool(hb.healthy) and age <= hb.timeout
-
-        def run_probe(probe: dict) -> None:  # holds self._lock (taken by the caller), releases it at the end
-            try:
-                probe["ranks"] = self._probe_ranks()
-            except Exception as exc:  # noqa: BLE001 - a peer is gone: reported, the heartbeat ends the gang
-                probe["error"] = picklable(exc)
-            finally:
-                probe["finished"] = time.monotonic()
-                probe["done"].set()
-                self._lock.release()
-
-        with self._health_lock:
-            probe = self._probe
-            if probe is None or (probe["done"].is_set() and time.monotonic() - probe["finished"] > 1.0):
-                if self._lock.acquire(blocking=False):
-                    probe = self._probe = {"started": time.monotonic(), "done": threading.Event(), "ranks": None,
-                                           "error": None, "finished": None}
-                    threading.Thread(target=run_probe, args=(probe,), name="wan-health-probe", daemon=True).start()
-                elif probe is None or probe["done"].is_set():
-                    probe = None  # a request (or a memory report) holds the gang
-        if probe is None:
-            report.update(healthy=beat_ok, status="busy" if beat_ok else "unhealthy",
-                          request_running=bool(self.busy), ranks=self.server.last_memory,
-                          reason=None if beat_ok else "the heartbeat has not seen every rank within its timeout")
-            report["check_s"] = round(time.monotonic() - t0, 4)
-            return report
-        probe["done"].wait(max(0.0, deadline_s - (time.monotonic() - t0)))
-        report["probe_age_s"] = round(time.monotonic() - probe["started"], 4)
-        if not probe["done"].is_set():
-            report["reason"] = (f"the probe started {time.monotonic() - probe['started']:.1f} s ago has not come "
-                                f"back from every rank (deadline {deadline_s:g} s)")
-        elif probe["error"] is not None:
-            report["reason"] = f"the probe failed: {probe['error']}"
-        elif not beat_ok:
-            report["reason"] = "the heartbeat has not seen every rank within its timeout"
-        else:
-            report.update(healthy=True, status="ok", probe_s=round(probe["finished"] - probe["started"], 4))
-        report["ranks"] = probe["ranks"] or []
-        report["check_s"] = round(time.monotonic() - t0, 4)
-        return report
 
     def cancel(self) -> None:
         """Stop the running request at the next step boundary on every rank."""
         if self.busy:
             self.cancel_event.set()
 
+    def _check_alive(self) -> None:
+        if self.server.failed:
+            raise ServerRestarting(f"the server is restarting after a failure ({self.server.failed}); "
+                                   "try again in a minute")
+
+    def fail_running(self, exc: BaseException) -> None:
+        """End the running request's wait with `exc` (the gang is ending; its thread never returns)."""
+        running = self._running
+        if running is not None and not running.done():
+            with contextlib.suppress(Exception):  # finished meanwhile
+                running.set_exception(exc)
+
     def submit(self, raw: dict, save_file: str | None = None, save_latents: str | None = None,
                progress: Progress | None = None, fault: dict | None = None, decode: bool = True) -> Output:
-        """Run one request (serialised with any other submission) and write its files."""
+        """Run one request (serialised with any other submission) and write its files.
+
+        The gang's work runs on its own thread; this call waits for its result, or for the fault handling
+        to end the wait when the gang is stuck (parallel/faults.py), so a client always gets an answer."""
         from parallel.outputs import write_outputs
 
+        self._check_alive()
         req = self.validate(raw).with_seed()
         layout = self.server.state.layout_for(raw.get("ulysses_size"), raw.get("ring_size"), raw.get("cfg_size"))
         req = GenerationRequest(**{**req.to_dict(), "ulysses_size": layout.ulysses, "ring_size": layout.ring,
                                    "cfg_size": layout.cfg})
-        opts: dict = {"decode": decode, **({"fault": fault} if fault else {})}
+        faults.check_fault(fault)
         with self._lock:
+            self._check_alive()
             self.busy = True
             self.cancel_event.clear()
+            self._next_id += 1
+            opts: dict = {"decode": decode, "id": self._next_id, **({"fault": fault} if fault else {})}
+            done: Future = Future()
+            self._running = done
+
+            def work() -> None:
+                try:
+                    self.server.rt.broadcast_object({"op": "generate", "request": req.to_dict(), "options": opts})
+                    result = self.server.execute(req, opts, self.cancel_event, progress)
+                    out = write_outputs(self.server, result, save_file, save_latents)
+                    if not done.done():
+                        done.set_result(out)
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                    if not done.done():
+                        done.set_exception(exc)
+
+            threading.Thread(target=work, name=f"wan-request-{self._next_id}", daemon=True).start()
             try:
-                self.server.rt.broadcast_object({"op": "generate", "request": req.to_dict(), "options": opts})
-                result = self.server.execute(req, opts, self.cancel_event, progress)
-                return write_outputs(self.server, result, save_file, save_latents)
+                return done.result()
             finally:
+                self._running = None
                 self.busy = False
                 self.cancel_event.clear()
                 trim_host_memory()
@@ -357,107 +397,9 @@ def _libc():
     return lib if hasattr(lib, "malloc_trim") else None
 
 
-def fingerprint(path: Path) -> tuple:
-    """Cheap identity of a model file or folder: names, sizes, and a hash of each file's first and last MiB."""
-    import hashlib
-
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    out = []
-    for f in files:
-        h = hashlib.sha256()
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            h.update(fh.read(2**20))
-            if size > 2**21:
-                fh.seek(size - 2**20)
-                h.update(fh.read())
-        out.append((f.name, size, h.hexdigest()[:16]))
-    return tuple(out)
-
-
-def preflight(cfg: RunConfig, rt: Runtime):
-    """Every rank finds and fingerprints its own model files (each node reads its own --model_dir); a file
-    missing or different on any node stops every rank at once, with a message naming the node and file."""
-    from engine.checkpoint import ModelFileError
-    from engine.factory import resolve_files
-
-    files, status = None, None
-    try:
-        files = resolve_files(cfg)
-        parts = {"DiT": files.dit, "text encoder": files.t5, "VAE": files.vae}
-        status = ("ok", {k: (str(v), fingerprint(Path(v))) for k, v in parts.items()})
-    except (ModelFileError, OSError) as exc:
-        status = ("error", str(exc))
-    everyone = rt.all_gather_object((rt.node, rt.host, status))
-    for node, host, (kind, detail) in everyone:
-        if kind == "error":
-            raise LaunchError(f"node {node} ({host}): {detail}")
-    _, _, (_, ref) = everyone[0]
-    for node, host, (_, mine) in everyone:
-        for part, (path, fp) in mine.items():
-            if fp != ref[part][1]:
-                raise LaunchError(
-                    f"node {node} ({host}) has a different {part} file than node 0: {path} "
-                    f"({sum(f[1] for f in fp):,} bytes) vs node 0's {ref[part][0]} ({sum(f[1] for f in ref[part][1]):,} bytes); "
-                    "every node must hold the same model files"
-                )
-    return files
-
-
-def resolve_auto(cfg: RunConfig, rt: Runtime, files=None) -> RunConfig:
-    """`--preset auto`: memory settings from the smallest free GPU memory and the model size (flags win)."""
-    import math
-
-    from engine.factory import resolve_files
-    from engine.loading import build_dit, open_dit
-    from presets.auto import auto_settings, free_memory_gib
-
-    files = files or resolve_files(cfg)
-    _, dcfg = open_dit(files.dit)
-    dit_gib = sum(p.numel() for p in build_dit(dcfg).parameters()) * (2 if rt.device.type == "cuda" else 4) / 2**30
-    from engine.checkpoint import open_checkpoint
-
-    t5 = open_checkpoint(files.t5)
-    t5_gib = sum(math.prod(t5.shape(k)) for k in t5 if k != "spiece_model") * 2 / 2**30
-    free = min(rt.all_gather_object(free_memory_gib(rt.device)))
-    chosen = auto_settings(rt.world_size, free, dit_gib, t5_gib, dcfg.num_layers, dcfg.dim)
-    chosen = {k: v for k, v in chosen.items() if k not in cfg.cli_keys}
-    if rt.rank == 0:
-        log.info("preset auto: %.1f GiB free on the smallest GPU, DiT %.1f GiB, T5 %.1f GiB → %s",
-                 min(free, 1e6), dit_gib, t5_gib, chosen)
-    return cfg.replace(**chosen)
-
 
 def start_server(cfg: RunConfig) -> Server:
-    """Join the gang, load every model, and return this rank's Server."""
-    import os
+    """Join the gang, load every model, and return this rank's Server (parallel/startup.py)."""
+    from parallel.startup import start_server as start
 
-    from app import setup_logging
-
-    setup_logging(cfg.log_level, int(os.environ.get("RANK", "0")))
-    rt = init_runtime(cfg.dist_timeout)
-    if rt.distributed:
-        from parallel.runtime import Heartbeat
-
-        rt.heartbeat = Heartbeat(rt, timeout=cfg.heartbeat_timeout)
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts and rt.rank == 0:
-        log.warning("the gang was restarted after a failure (restart %d of at most %s); serving again",
-                    restarts, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"))
-    if cfg.world_size is not None and cfg.world_size != rt.world_size:
-        raise LaunchError(
-            f"the preset/config asks for world_size {cfg.world_size} but {rt.world_size} process(es) are running: "
-            f"start with ./launch.sh --nproc {cfg.world_size}, or change world_size to {rt.world_size}"
-        )
-    from engine.checkpoint import ModelFileError
-
-    try:
-        files = preflight(cfg, rt)
-        if cfg.preset == "auto":
-            cfg = resolve_auto(cfg, rt, files)
-        pipe, state = build_parallel_pipeline(cfg, rt, files)
-    except (ModelFileError, ValueError) as exc:  # bad files, layouts, backends: a message, not a traceback
-        shutdown_runtime(rt)
-        raise LaunchError(str(exc)) from exc
-    rt.barrier()
-    return Server(cfg, rt, pipe, state)
+    return start(cfg)

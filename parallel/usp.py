@@ -1,8 +1,9 @@
 """Sequence-parallel self-attention on torch.distributed (gloo and NCCL alike): Ulysses all-to-all × Ring.
 
 Ulysses: `all_to_all_single` trades the sequence split for a head split inside a node-sized group.
-Ring: each rank keeps its queries and passes its key/value block around the ring with point-to-point
-sends; the partial results are merged with their log-sum-exp in fp32. Padded keys are excluded (they are
+Ring: each rank keeps its queries and passes its key/value block around the ring with batched
+point-to-point operations (`batch_isend_irecv`: the send and the receive of a step are posted together, so
+NCCL cannot deadlock on their order); the partial results are merged with their log-sum-exp in fp32. Padded keys are excluded (they are
 always a suffix of the last ring block), so any token count gives the result of one process.
 """
 
@@ -34,6 +35,13 @@ def ulysses_scatter_seq(x: Tensor, u: int, group) -> Tensor:
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv[i] = my tokens, rank i's heads
     return recv.permute(1, 2, 0, 3, 4).reshape(b, n, u * hu, d)
+
+
+def ring_exchange(kv: Tensor, nxt: int, prv: int, group) -> tuple[Tensor, list]:
+    """Post this rank's block to `nxt` and the receive of `prv`'s block as one batch; (incoming, works)."""
+    incoming = torch.empty_like(kv)
+    ops = [dist.P2POp(dist.isend, kv, nxt, group), dist.P2POp(dist.irecv, incoming, prv, group)]
+    return incoming, dist.batch_isend_irecv(ops)
 
 
 def merge_partial(out: Tensor | None, lse: Tensor | None, o: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,10 +87,9 @@ class USPAttention:
         kv = torch.stack([k, v]).contiguous()  # (2, B, H', L', D)
         out = lse = None
         for step in range(n):
-            reqs = []
+            reqs: list = []
             if step < n - 1:
-                incoming = torch.empty_like(kv)
-                reqs = [dist.isend(kv, nxt, group=self.g.ring_group), dist.irecv(incoming, prv, group=self.g.ring_group)]
+                incoming, reqs = ring_exchange(kv, nxt, prv, self.g.ring_group)
             block = (me - step) % n
             valid = self.shards.valid_keys(block, kv.shape[3])
             if valid > 0:

@@ -4,11 +4,14 @@ rank 0 (each with its own layout, latents path, fault injection), write what hap
     python -m torch.distributed.run --standalone --nproc_per_node N tests/gang.py SPEC.json
 SPEC: {"argv": [app flags...], "requests": [{"raw": {...}, "save_latents": path, "fault": {...}}],
        "result": path, "idle_s": seconds to sleep before request i (optional list)}
+Each result is appended to RESULT.jsonl as soon as it is known, so a gang that torchrun restarts (after a
+failure that ended the gang) goes on with the next request; RESULT (JSON) holds the list at the end.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(spec_path: str) -> int:
     from app import load_config
+    from parallel.faults import ServerRestarting
     from parallel.serve import start_server
 
     spec = json.loads(Path(spec_path).read_text())
@@ -27,22 +31,40 @@ def main(spec_path: str) -> int:
         server.worker_loop()
         server.shutdown()
         return 0
-    results = []
+    lines = Path(spec["result"] + "l")
+    results = [json.loads(x) for x in lines.read_text().splitlines()] if lines.exists() else []
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+    def record(entry: dict) -> None:
+        results.append(entry)
+        with open(lines, "a") as fh:
+            fh.write(json.dumps(entry, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
     try:
         for i, item in enumerate(spec["requests"]):
+            if i < len(results):
+                continue  # done by an earlier attempt of the gang
             time.sleep(item.get("sleep_s", 0))
             t0 = time.perf_counter()
             try:
                 out = server.dispatcher.submit(item["raw"], save_file=item.get("save_file"),
                                                save_latents=item.get("save_latents"), fault=item.get("fault"),
                                                decode=item.get("decode", True))
-                results.append({"ok": True, "videos": [str(p) for p in out.videos], "meta": out.meta,
-                                "memory": out.memory, "seconds": time.perf_counter() - t0})
+                record({"ok": True, "videos": [str(p) for p in out.videos], "meta": out.meta, "attempt": attempt,
+                        "memory": out.memory, "seconds": time.perf_counter() - t0, "t": time.time()})
+            except ServerRestarting:
+                break  # the gang is ending; the next attempt goes on from here
             except Exception as exc:  # noqa: BLE001 - recorded for the test to check
-                results.append({"ok": False, "error": str(exc), "type": type(exc).__name__, "index": i,
-                                "memory": server.last_memory})
+                record({"ok": False, "error": str(exc), "type": type(exc).__name__, "index": i, "attempt": attempt,
+                        "memory": server.last_memory, "seconds": time.perf_counter() - t0, "t": time.time(),
+                        "restarting": bool(server.failed)})
+            if server.failed:
+                break
     finally:
-        Path(spec["result"]).write_text(json.dumps(results, indent=1, default=str))
+        if not server.failed:
+            Path(spec["result"]).write_text(json.dumps(results, indent=1, default=str))
         server.shutdown()
     return 0
 

@@ -59,7 +59,7 @@ def test_exception_on_rank1_at_step3_fails_request_everywhere_then_next_succeeds
     results, log = run_gang(2, ["--ulysses_size", "2"], reqs, tmp_path, tiny_model_dir)
     assert results[0]["ok"] is False
     assert results[0]["type"] == "RankFailed"
-    assert results[0]["error"] == "rank 1 failed at step 3: RuntimeError: injected failure"
+    assert results[0]["error"] == "rank 1 failed at step 3: InjectedFault: injected failure"
     # both ranks left the request at step 3 (rank 0 reports it, rank 1 logs it)
     assert "rank 1: request ended: rank 1 failed at step 3" in log
     assert results[1]["ok"] is True
