@@ -48,7 +48,7 @@ class RunConfig:
     sp_backend: str = "native"
     dist_timeout: float = 600.0
     heartbeat_timeout: float = 60.0  # a rank or node silent this long ends the gang (torchrun restarts it)
-    fault_grace: float = 10.0  # after a rank failed inside a request, how long the others may stay in it
+    fault_grace: float = 30.0  # after a rank failed inside a request, how long the others may stay in it
     # sharding
     use_fsdp: bool = False
     dit_fsdp: bool = False

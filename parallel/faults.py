@@ -216,6 +216,8 @@ def _raise(fault: dict, rank: int, device: torch.device) -> None:
     if where == "cuda_error" and device.type == "cuda":  # a sticky error: an out-of-bounds gather on the GPU
         idx = torch.tensor([1 << 30], device=device)
         torch.zeros(4, device=device)[idx].sum().item()
+    if where == "vae":
+        raise InjectedFault(fault["message"] or f"injected fault in the VAE decode on rank {rank}")
     raise InjectedFault(fault["message"] or f"injected fault in {where} on rank {rank} at step {fault['step']}")
 
 
