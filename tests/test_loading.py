@@ -98,21 +98,18 @@ def test_fp8_file_upcasts_the_fp32_tensors_without_a_bf16_round_trip(tmp_path, o
 
 
 FSDP_SCRIPT = """
-import os, sys, types
+import sys, types
 import torch, torch.distributed as dist
-from safetensors.torch import save_file
-from engine.dit import WanDiT
 from engine.loading import build_dit, load_dit, open_dit
 from parallel.apply import load_dit_placed
 from parallel.fsdp import apply_fsdp, flat_mesh, load_sharded
 from tests.test_dit import SMALL
 from tests.test_loading import FP32_NAMES
-from tests.weights import random_state_dict
 
-path = sys.argv[1] + "/wan.safetensors"
-save_file(random_state_dict(WanDiT(SMALL), seed=3), path)
-dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + sys.argv[1] + "/rdzv")
-mesh = flat_mesh(torch.device("cpu"), 1)
+folder, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path = folder + "/wan.safetensors"
+dist.init_process_group("gloo", rank=rank, world_size=world, init_method="file://" + folder + "/rdzv")
+mesh = flat_mesh(torch.device("cpu"), world)
 cfg = types.SimpleNamespace(task=None, blocks_to_swap=0, offload_percent=0.0)
 rt = types.SimpleNamespace(device=torch.device("cpu"))
 model = load_dit_placed(cfg, types.SimpleNamespace(dit=path), rt, torch.bfloat16, mesh)
@@ -138,17 +135,21 @@ print("fsdp ok")
 """
 
 
-def test_fsdp_shards_each_tensor_in_its_run_dtype(tmp_path):
+def test_fsdp_shards_each_tensor_in_its_run_dtype(tmp_path, official):
+    """Two gloo ranks: mixed-dtype shards (bf16 and the fp32 small tensors) gather to the plain bf16 model."""
     import subprocess
     import sys
 
     from tests.multirank import ROOT, gang_env
 
+    save_file(official, tmp_path / "wan.safetensors")
     env = {**gang_env(), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "fsdp ok" in proc.stdout
+    procs = [subprocess.Popen([sys.executable, "-c", FSDP_SCRIPT, str(tmp_path), str(r), "2"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert "fsdp ok" in out
 
 
 def test_diffusers_transformer_folder(tmp_path, official):
