@@ -249,10 +249,6 @@ def bench_case(model_name: str, size: str, frames: int, runs: int, compile_: boo
     if precision_compare:  # the old rule: the same fp32 values with EVERY tensor cast to bf16
         old = random_model(cfg, device=device, dtype=dtype, keep_fp32=False)
         with_attention(old, attention, device)
-        if compile_:
-            from parallel.speed import apply_compile
-
-            apply_compile(old, "inductor", compile_mode)
         out_old = old(x, t, ctx)
         case["all_bf16_ms"] = round(timer(lambda: old(x, t, ctx), runs), 1)
         case["rel_err_fp32_small_vs_all_bf16"] = rel(out, out_old)
@@ -284,7 +280,8 @@ def main() -> None:
     ap.add_argument("--fp32-ref", action="store_true", help="also compare with a float32 evaluation (slow)")
     ap.add_argument("--precision-compare", action="store_true",
                     help="also build the model with the old rule (every tensor bf16, no fp32 small tensors) from the "
-                         "same values: its time, its difference from ours and (with --fp32-ref) its error vs fp32")
+                         "same values: its time, its difference from ours and (with --fp32-ref) its error vs fp32 "
+                         "(uncompiled cases only)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward of ours")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for ours (e.g. max-autotune-no-cudagraphs)")
     ap.add_argument("--attention", default=None, help="our attention kernel as the server picks it (--attention of "
@@ -305,7 +302,7 @@ def main() -> None:
         for s in a.sizes.split(","):
             for comp in ([False, True] if a.compile else [False]):
                 c = bench_case(m, s, a.frames, a.runs, comp, not a.no_diffusers, peak, a.fp32_ref and not comp,
-                               a.profile, a.compile_mode, a.attention, a.precision_compare, a.device)
+                               a.profile, a.compile_mode, a.attention, a.precision_compare and not comp, a.device)
                 print(json.dumps(c), flush=True)
                 cases.append(c)
                 torch._dynamo.reset()  # compiled code holds the models: let them go before the next case
