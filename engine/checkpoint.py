@@ -201,6 +201,37 @@ def dequantize_fp8(sd: Mapping[str, Tensor], name: str, tensor: Tensor, dtype: t
     return out.to(dtype)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def keeps_fp32(module: nn.Module, name: str) -> bool:
+    """Whether tensor `name` matches one of the module's `keep_fp32` patterns (whole dotted components:
+    "modulation" matches "blocks.3.modulation", "head.head" matches "head.head.weight")."""
+    dotted = f".{name}."
+    return any(f".{pattern}." in dotted for pattern in getattr(module, "keep_fp32", ()))
+
+
+def run_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype tensor `name` gets in a run of `dtype`: float32 for the module's `keep_fp32` tensors when
+    `dtype` is a 16-bit float, else `dtype`."""
+    return torch.float32 if dtype in LOW_PRECISION and keeps_fp32(module, name) else dtype
+
+
+@torch.no_grad()
+def cast_to_run_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every floating parameter and buffer (meta or real) to its `run_dtype`, in place (instead of
+    `module.to(dtype)`, which would also cast the `keep_fp32` tensors); tied parameters stay tied."""
+    for mod_name, mod in module.named_modules():
+        for table in (mod._parameters, mod._buffers):
+            for key, t in table.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                want = run_dtype(module, f"{mod_name}.{key}" if mod_name else key, dtype)
+                if t.dtype != want:
+                    t.data = t.data.to(want)
+    return module
+
+
 def load_into(
     module: nn.Module,
     view: CheckpointView,
@@ -216,6 +247,7 @@ def load_into(
     Names and shapes are checked first, so a file of another model fails before any data is read.
     `skip` names tied aliases that the file does not hold (they are re-tied by the caller);
     `place(name)` may put some tensors elsewhere than `device` (host memory for offloaded weights).
+    Each tensor gets its `run_dtype`: `dtype`, or float32 for the module's `keep_fp32` tensors.
     """
     expected = {n: t for n, t in module.state_dict().items() if n not in skip}
     for n, t in expected.items():
@@ -232,7 +264,10 @@ def load_into(
     extra = [n for n in view if n not in expected]
     if extra:
         raise WrongModelError(f"{path} is not a {what} checkpoint: unexpected tensor '{extra[0]}' (and {len(extra) - 1} more)")
-    new_sd = {n: view[n].to(device=place(n) if place else device, dtype=dtype) for n in expected}
+    new_sd = {}
+    for n in expected:
+        want = run_dtype(module, n, dtype)
+        new_sd[n] = view.read(n, want).to(device=place(n) if place else device, dtype=want)
     result = module.load_state_dict(new_sd, strict=False, assign=True)
     if result.unexpected_keys or set(result.missing_keys) - set(skip):
         raise WrongModelError(f"{path}: could not load {what}: {result}")
@@ -261,8 +296,12 @@ class CheckpointView(Mapping[str, Tensor]):
                 self.src[new] = k
 
     def __getitem__(self, name: str) -> Tensor:
+        return self.read(name)
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """Tensor `name`; an fp8 one is dequantized straight to `dtype` (default: the view's dtype)."""
         k = self.src[name]
-        return dequantize_fp8(self.sd, k, self.sd[k], self.dtype)
+        return dequantize_fp8(self.sd, k, self.sd[k], dtype or self.dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.src)
@@ -273,6 +312,7 @@ class CheckpointView(Mapping[str, Tensor]):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.sd.shape(self.src[name])
 
-    def read_rows(self, name: str, start: int, stop: int) -> Tensor:
+    def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Rows [start, stop) of dim 0 of tensor `name` (fp8 dequantized to `dtype`, default the view's)."""
         k = self.src[name]
-        return dequantize_fp8(self.sd, k, self.sd.read_rows(k, start, stop), self.dtype)
+        return dequantize_fp8(self.sd, k, self.sd.read_rows(k, start, stop), dtype or self.dtype)

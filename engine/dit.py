@@ -10,8 +10,9 @@ Hooks that `parallel/` (and the step cache) use without touching this file's mat
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ def linear_fp32(x: Tensor, layer: nn.Linear) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the last dim (fp32 statistics), output in the input's dtype. The attention fuses it
+    """RMS norm over the last dim in fp32 (fp32 weight), output in the input's dtype. The attention fuses it
     with RoPE (engine.fused.rms_norm_rope); this module holds the weight under its official name."""
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -51,7 +52,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 class LayerNormAffine(nn.Module):
@@ -199,6 +200,15 @@ class WanDiT(nn.Module):
 
     # How the model may be split (diffusers-style class data used by parallel/).
     _repeated_blocks = ("WanBlock",)
+    # Tensors kept in float32 whatever the run dtype (engine.checkpoint.run_dtype; every loader honours it),
+    # as the official code runs them under float32 autocast with fp32 weights: the timestep MLPs, the
+    # modulation tables, the norm weights and the output head (~1.3% of the parameters of 14B). Patterns
+    # match whole dotted components of a parameter name.
+    keep_fp32: ClassVar[tuple[str, ...]] = (
+        "time_embedding", "time_projection", "modulation", "norm3", "norm_q", "norm_k", "head.head",
+    )
+    # How many RoPE tables (one per (grid, device)) are kept, least recently used evicted: a request uses one grid.
+    rope_cache_size: ClassVar[int] = 1
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -212,18 +222,27 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.tokens: TokenLayout = LocalTokens()
         self.block_runner: Callable[..., Tensor] = run_blocks
-        self._rope_cache: dict[tuple, Tensor] = {}
+        self._rope_cache: OrderedDict[tuple, Tensor] = OrderedDict()
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.head.weight.dtype
+        """The run (matmul) dtype: that of the patch embedding (some small tensors stay fp32: keep_fp32)."""
+        return self.patch_embedding.weight.dtype
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> Tensor:
-        """The (L, 2, 128) RoPE table for a latent grid, cached per grid and device."""
+        """The (L, 2, 128) RoPE table for a latent grid, cached per (grid, device), least recent evicted."""
         key = (grid, str(device))
-        if key not in self._rope_cache:
-            self._rope_cache[key] = rope_table(grid, self.cfg.head_dim, device)
-        return self._rope_cache[key]
+        table = self._rope_cache.pop(key, None)
+        if table is None:
+            while len(self._rope_cache) >= max(self.rope_cache_size, 1):
+                self._rope_cache.popitem(last=False)  # drop the old table before making the new one
+            table = rope_table(grid, self.cfg.head_dim, device)
+        self._rope_cache[key] = table  # most recent last
+        return table
+
+    def clear_caches(self) -> None:
+        """Drop the cached RoPE tables (the serving loop's cleanup after a failed request)."""
+        self._rope_cache.clear()
 
     def time_embed(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """e (B, dim) and e0 (B, 6, dim), both float32."""

@@ -3,7 +3,8 @@ the 3-10 passes the plain torch ops take. Triton kernels on CUDA; the same math 
 (and in Triton's interpreter on the CPU for the tests: WAN_FUSED=interpret with TRITON_INTERPRET=1).
 
   modulate(x, shift, scale)            LayerNorm(x)·(1 + scale) + shift, fp32 in → matmul dtype out
-  rms_norm_rope(x, weight, table, n)   RMSNorm over the full dim, then 3D RoPE per head → (B, L, n, 128)
+  rms_norm_rope(x, weight, table, n)   RMSNorm over the full dim (fp32, fp32 weight), then 3D RoPE per head
+                                       (none for cross-attention: table None) → (B, L, n, 128)
   gated_residual(x, y, gate)           x + y·gate in fp32
   residual_norm(x, y, gate, b, a, ...) x' = x + y·gate, then LayerNorm(x')·a + b (a = 1 + scale with
                                        one_plus): both outputs from one read of x and y
@@ -51,10 +52,11 @@ if _HAS_TRITON:
 
     @triton.jit
     def _rms_rope_chunked_kernel(x_ptr, w_ptr, tab_ptr, out_ptr, tokens, eps, DIM: tl.constexpr,
-                                 HEAD: tl.constexpr, CHUNK: tl.constexpr):
-        """RMSNorm over a row, then RoPE per channel pair, in CHUNK-pair pieces (no lanes padded to a power of
-        two: 0.372 vs 0.419 ms for one padded row at 32,760×5120 on H100): the sum of squares first, then each
-        piece again (from L1/L2: a row is 10 KiB) to rotate and store."""
+                                 HEAD: tl.constexpr, CHUNK: tl.constexpr, HAS_ROPE: tl.constexpr):
+        """RMSNorm over a row (weight of any dtype, applied in fp32), then RoPE per channel pair (HAS_ROPE), in
+        CHUNK-pair pieces (no lanes padded to a power of two: 0.372 vs 0.419 ms for one padded row at
+        32,760×5120 on H100): the sum of squares first, then each piece again (from L1/L2: a row is 10 KiB) to
+        rotate and store."""
         row = tl.program_id(0)
         base = row.to(tl.int64) * DIM
         pair = tl.arange(0, CHUNK)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (CHUNK, 2)
@@ -70,13 +72,16 @@ if _HAS_TRITON:
             mask = offs < DIM
             x0, x1 = tl.split(tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32))
             w0, w1 = tl.split(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-            even = start + tl.arange(0, CHUNK) * 2
-            pmask = even < DIM
-            d = even % HEAD
-            cos = tl.load(tab_ptr + tok * 2 * HEAD + d, mask=pmask, other=0.0)
-            sin = tl.load(tab_ptr + tok * 2 * HEAD + HEAD + d + 1, mask=pmask, other=0.0)
             y0, y1 = x0 * rstd * w0, x1 * rstd * w1
-            out = tl.join(y0 * cos - y1 * sin, y1 * cos + y0 * sin)  # (CHUNK, 2)
+            if HAS_ROPE:
+                even = start + tl.arange(0, CHUNK) * 2
+                pmask = even < DIM
+                d = even % HEAD
+                cos = tl.load(tab_ptr + tok * 2 * HEAD + d, mask=pmask, other=0.0)
+                sin = tl.load(tab_ptr + tok * 2 * HEAD + HEAD + d + 1, mask=pmask, other=0.0)
+                out = tl.join(y0 * cos - y1 * sin, y1 * cos + y0 * sin)  # (CHUNK, 2)
+            else:
+                out = tl.join(y0, y1)  # (CHUNK, 2)
             tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -148,22 +153,24 @@ def affine_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dtype: torc
 
 
 def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, table: Tensor | None, heads: int) -> Tensor:
-    """RMSNorm over the full dim (fp32 statistics) then RoPE per head: x (B, L, D) → (B, L, heads, D/heads).
+    """RMSNorm over the full dim then RoPE per head, all in fp32 (weight of any dtype, fp32 as the model keeps
+    it): x (B, L, D) → (B, L, heads, D/heads) in x's dtype.
 
     table (L, 2, head_dim): cos and ±sin per channel (engine.dit.rope_table); None = no rotation.
     """
     b, n, d = x.shape
-    if table is None or not use_triton(x):
-        y = F.rms_norm(x, (d,), weight.to(x.dtype), eps).view(b, n, heads, d // heads)
+    if not use_triton(x):
+        y = F.rms_norm(x.float(), (d,), weight.float(), eps).view(b, n, heads, d // heads)  # fp32
         if table is None:
-            return y
+            return y.to(x.dtype)
         cos, sin = table[None, :, None, 0], table[None, :, None, 1]  # (1, L, 1, head_dim)
         swapped = y.view(b, n, heads, -1, 2).flip(-1).view(b, n, heads, d // heads)  # (x1, x0) per pair
         return torch.addcmul(y * cos, swapped, sin).to(x.dtype)
     x = x.contiguous()
     out = torch.empty_like(x)
-    _rms_rope_chunked_kernel[(b * n,)](x, weight.contiguous(), table.float().contiguous(), out, n, eps, DIM=d,
-                                       HEAD=d // heads, CHUNK=256, num_warps=4)
+    tab = x if table is None else table.float().contiguous()  # not read without RoPE
+    _rms_rope_chunked_kernel[(b * n,)](x, weight.contiguous(), tab, out, n, eps, DIM=d, HEAD=d // heads, CHUNK=256,
+                                       num_warps=4, HAS_ROPE=table is not None)
     return out.view(b, n, heads, d // heads)
 
 

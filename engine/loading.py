@@ -3,7 +3,7 @@
 Layouts: the official names (safetensors file, or a folder of shards with an index json), ComfyUI files
 (with or without the `model.diffusion_model.` prefix, fp8 with or without `scale_weight`), and
 diffusers-format folders. Modules are built on the meta device and filled tensor by tensor from
-mmap'd files, converted to the run dtype on the fly.
+mmap'd files, converted to the run dtype on the fly (a model's `keep_fp32` tensors stay float32).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from engine.checkpoint import (
     CheckpointView,
     ModelNotFoundError,
     WrongModelError,
+    cast_to_run_dtype,
     load_into,
     open_checkpoint,
 )
@@ -97,10 +98,12 @@ def open_dit(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Chec
     return view, dit_config_from_shapes(view, path)
 
 
-def build_dit(cfg: DiTConfig) -> WanDiT:
-    """The DiT on the meta device (no memory), ready for `load_into` or sharding."""
+def build_dit(cfg: DiTConfig, dtype: torch.dtype | None = None) -> WanDiT:
+    """The DiT on the meta device (no memory), ready for `load_into` or sharding; with `dtype`, each tensor
+    already has its run dtype (`dtype`, float32 for `WanDiT.keep_fp32`), as sharding must see it."""
     with torch.device("meta"):
-        return WanDiT(cfg)
+        model = WanDiT(cfg)
+    return model if dtype is None else cast_to_run_dtype(model, dtype)
 
 
 def load_dit(
@@ -112,6 +115,7 @@ def load_dit(
 ) -> WanDiT:
     """Load a Wan2.1 T2V DiT from any supported layout: `model(x, t, context) -> velocity`.
 
+    Tensors are converted to `dtype`, except `WanDiT.keep_fp32` ones, which stay float32 in a bf16/fp16 run.
     Tensors named in `host_names` (offloaded weights) are loaded to host memory instead of `device`.
     """
     view, cfg = open_dit(path, dtype)

@@ -147,7 +147,7 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
     view, dcfg = open_dit(files.dit, dtype)
     if cfg.task:  # --task t2v-14B / t2v-1.3B: the file must be that model (else: first mismatching tensor)
         dcfg = DIT_CONFIGS[cfg.task.split("-", 1)[1]]
-    model = build_dit(dcfg)
+    model = build_dit(dcfg, dtype)  # each tensor in its run dtype (keep_fp32 ones fp32) before sharding
     plan = plan_offload(model.blocks, cfg.blocks_to_swap, cfg.offload_percent)
     if mesh is not None:
         from parallel.fsdp import apply_fsdp, load_sharded

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from engine.checkpoint import CheckpointView, WrongModelError
+from engine.checkpoint import CheckpointView, WrongModelError, cast_to_run_dtype, run_dtype
 
 log = logging.getLogger("wan.fsdp")
 
@@ -51,7 +51,8 @@ def apply_fsdp(root: nn.Module, blocks: Iterable[nn.Module], mesh, offload: Iter
 @torch.no_grad()
 def load_sharded(module: nn.Module, view: CheckpointView, device: torch.device, dtype: torch.dtype, what: str, path,
                  host_modules: Iterable[nn.Module] = ()) -> nn.Module:
-    """Fill an FSDP2-sharded meta module: each rank reads only the rows of dim 0 it keeps.
+    """Fill an FSDP2-sharded meta module: each rank reads only the rows of dim 0 it keeps, in the dtype the
+    parameter was sharded with, which must be its run dtype (cast_to_run_dtype before fully_shard).
 
     Modules in `host_modules` (the units sharded with FSDP2's CPU offload) are materialised in host memory,
     as FSDP2 requires, and every other tensor straight on `device`: nothing is allocated on the GPU first
@@ -60,6 +61,9 @@ def load_sharded(module: nn.Module, view: CheckpointView, device: torch.device, 
 
     expected = {n: p for n, p in module.named_parameters()}
     for n, p in expected.items():
+        if p.is_floating_point() and p.dtype != run_dtype(module, n, dtype):
+            raise RuntimeError(f"{what}: '{n}' was sharded as {p.dtype}, not its run dtype "
+                               f"{run_dtype(module, n, dtype)}: call cast_to_run_dtype before fully_shard")
         if n not in view:
             raise WrongModelError(f"{path} is not a {what} checkpoint: tensor '{n}' is missing")
         if tuple(view.shape(n)) != tuple(p.shape):
@@ -76,9 +80,10 @@ def load_sharded(module: nn.Module, view: CheckpointView, device: torch.device, 
             chunk = -(-rows // world)
             start = min(rank * chunk, rows)
             if local.shape[0]:
-                local.copy_(view.read_rows(n, start, start + local.shape[0]).to(device=device, dtype=local.dtype))
+                part = view.read_rows(n, start, start + local.shape[0], local.dtype)
+                local.copy_(part.to(device=local.device, dtype=local.dtype))
         else:
-            p.copy_(view[n].to(device=device, dtype=p.dtype))
+            p.copy_(view.read(n, p.dtype).to(device=p.device, dtype=p.dtype))
     return module
 
 
@@ -97,6 +102,7 @@ def t5_sharder(mesh, device: torch.device, dtype: torch.dtype, path):
     """A `shard(model, view)` for engine.loading.load_text_encoder: FSDP2 per T5 block, then the root."""
 
     def shard(model: nn.Module, view: CheckpointView) -> None:
+        cast_to_run_dtype(model, dtype)  # the meta model is fp32: shard it in the run dtype
         apply_fsdp(model, model.encoder.block, mesh)
         load_sharded(model, view, device, dtype, "umt5 text encoder", path)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from engine.checkpoint import cast_to_run_dtype
 from engine.config import DIT_CONFIGS, DiTConfig
 from engine.dit import WanDiT, rope_table
 from engine.loading import build_dit
@@ -91,3 +94,35 @@ def test_context_longer_than_512_is_refused(pair):
     ours, _ = pair
     with pytest.raises(ValueError, match="context has 513 tokens; at most 512"):
         ours(torch.randn(1, 16, 1, 4, 4), torch.tensor([1.0]), torch.randn(1, 513, 64))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_bf16_forward_with_fp32_small_tensors_is_closer_to_fp32_than_all_bf16(seed):
+    fp32 = WanDiT(SMALL)
+    fp32.load_state_dict(random_state_dict(fp32, seed=seed))
+    fp32.eval()
+    new = cast_to_run_dtype(copy.deepcopy(fp32), torch.bfloat16)  # the loader's rule (WanDiT.keep_fp32)
+    old = copy.deepcopy(fp32).to(torch.bfloat16)  # the old rule: every tensor bf16
+    assert new.blocks[0].modulation.dtype == torch.float32 and new.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert new.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(seed)
+    x, t, ctx = torch.randn(2, 16, 3, 12, 20, generator=g), torch.tensor([999.0, 92.0]), torch.randn(2, 30, 64, generator=g)
+    with torch.no_grad():
+        ref, a, b = fp32(x, t, ctx), new(x, t, ctx), old(x, t, ctx)
+    assert a.dtype == torch.float32
+    assert rel_err(a, ref) < rel_err(b, ref), (rel_err(a, ref), rel_err(b, ref))
+
+
+def test_rope_cache_keeps_only_the_latest_grid_and_clears():
+    model = WanDiT(SMALL)
+    cpu = torch.device("cpu")
+    first = model.rope((2, 4, 5), cpu)
+    assert model.rope((2, 4, 5), cpu) is first  # cached
+    model.rope((3, 6, 10), cpu)  # another request size: the first table is dropped
+    assert list(model._rope_cache) == [((3, 6, 10), "cpu")]
+    assert model.rope((2, 4, 5), cpu) is not first
+    model.clear_caches()
+    assert not model._rope_cache
+    with torch.no_grad():
+        model(torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 64))
+    assert list(model._rope_cache) == [((2, 4, 4), "cpu")]

@@ -11,9 +11,11 @@ import textwrap
 from tests.multirank import ROOT, gang_env
 
 SCRIPT = textwrap.dedent('''
+    import copy
     import os
     import torch
     from engine import fused
+    from engine.checkpoint import cast_to_run_dtype
     from engine.config import DiTConfig
     from engine.dit import WanDiT, rope_table
     from tests.weights import random_state_dict
@@ -62,6 +64,29 @@ SCRIPT = textwrap.dedent('''
     with torch.no_grad():
         a, b = both(model, xin, t, ctx)
     assert rel(a, b) < 1e-5, ("forward", rel(a, b))
+
+    # the model's dtypes in a bf16 run: bf16 activations, fp32 norm weights (WanDiT.keep_fp32)
+    xb, wq = torch.randn(2, 40, 256, generator=g).bfloat16(), 1 + 0.1 * torch.randn(256, generator=g)
+    for table in (tab, None):  # self-attention q/k (RoPE) and cross-attention (no RoPE)
+        a, b = both(fused.rms_norm_rope, xb, wq, 1e-6, table, 2)
+        ref = torch.nn.functional.rms_norm(xb.float(), (256,), wq, 1e-6).view(2, 40, 2, 128)
+        if table is not None:
+            ref = ref * table[None, :, None, 0] + ref.view(2, 40, 2, 64, 2).flip(-1).view(2, 40, 2, 128) * table[None, :, None, 1]
+        # torch rounds the fp32 result to nearest (within half a bf16 ulp, <= 2^-8 relative); the interpreter
+        # truncates its fp32 -> bf16 stores (within one ulp of torch's value; the GPU rounds to nearest)
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert ((b.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-7).all(), ("rms_norm_rope bf16 torch", table is None)
+        assert ((a.float() - b.float()).abs() <= 2**-7 * b.float().abs() + 1e-7).all(), ("rms_norm_rope bf16", rel(a, b))
+    a, b = both(fused.rms_norm_rope, x, wq, 1e-6, None, 2)
+    assert rel(a, b) < 1e-6, ("rms_norm no rope", rel(a, b))
+    (xa, ha), (xb2, hb) = both(fused.residual_norm, x, xb, gate, bias, wq, 1e-6, torch.bfloat16, False)
+    assert rel(xa, xb2) < 1e-6 and rel(ha, hb) < 1e-2, ("residual_norm fp32 affine weights", rel(ha, hb))
+    mb = cast_to_run_dtype(copy.deepcopy(model), torch.bfloat16)
+    assert mb.blocks[0].self_attn.norm_q.weight.dtype == torch.float32 and mb.dtype == torch.bfloat16
+    with torch.no_grad():
+        a, b = both(mb, xin, t, ctx)
+        ref = model(xin, t, ctx)
+    assert rel(a, b) < 1e-2 and rel(a, ref) < 2e-2, ("bf16 forward", rel(a, b), rel(a, ref))
     print("fused ok", rel(a, b))
 ''')
 

@@ -57,6 +57,99 @@ def test_comfyui_prefixed_bf16_file(tmp_path, official):
     save_file({COMFY_PREFIX + k: v.to(torch.bfloat16) for k, v in official.items()}, tmp_path / "c.safetensors")
     sd = loaded(tmp_path / "c.safetensors", torch.bfloat16)
     assert_same(sd, {k: v.to(torch.bfloat16) for k, v in official.items()})
+    assert {k for k, v in sd.items() if v.dtype == torch.float32} == FP32_NAMES  # bf16 values, kept in fp32
+
+
+# The tensors of SMALL (2 blocks) that stay float32 in a bf16 run (WanDiT.keep_fp32), by name.
+FP32_NAMES = {
+    "time_embedding.0.weight", "time_embedding.0.bias", "time_embedding.2.weight", "time_embedding.2.bias",
+    "time_projection.1.weight", "time_projection.1.bias", "head.modulation", "head.head.weight", "head.head.bias",
+    *(f"blocks.{i}.{n}" for i in range(2) for n in (
+        "modulation", "norm3.weight", "norm3.bias", "self_attn.norm_q.weight", "self_attn.norm_k.weight",
+        "cross_attn.norm_q.weight", "cross_attn.norm_k.weight")),
+}
+
+
+def assert_run_dtypes(sd, official, dtype=torch.bfloat16):
+    """Exactly FP32_NAMES are float32 with the file's values; every other tensor is `dtype`, rounded once."""
+    assert {k for k, v in sd.items() if v.dtype == torch.float32} == FP32_NAMES
+    assert {k for k, v in sd.items() if v.dtype == dtype} == set(official) - FP32_NAMES
+    for k, v in official.items():
+        assert torch.equal(sd[k], v if k in FP32_NAMES else v.to(dtype)), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_tensors_stay_fp32_in_a_16_bit_run(tmp_path, official, dtype):
+    save_file(official, tmp_path / "wan.safetensors")
+    assert_run_dtypes(loaded(tmp_path / "wan.safetensors", dtype), official, dtype)
+    host = {"blocks.1.modulation", "blocks.1.ffn.0.weight"}  # block swap / offload: loaded to host memory
+    assert_run_dtypes(loaded(tmp_path / "wan.safetensors", dtype, host_names=host), official, dtype)
+    assert {v.dtype for v in loaded(tmp_path / "wan.safetensors").values()} == {torch.float32}
+
+
+def test_fp8_file_upcasts_the_fp32_tensors_without_a_bf16_round_trip(tmp_path, official):
+    fp8 = {k: v.to(torch.float8_e4m3fn) if k in ("blocks.0.modulation", "blocks.0.ffn.0.weight") else v
+           for k, v in official.items()}
+    save_file(fp8, tmp_path / "fp8.safetensors")
+    sd = loaded(tmp_path / "fp8.safetensors", torch.bfloat16)
+    assert sd["blocks.0.modulation"].dtype == torch.float32
+    assert torch.equal(sd["blocks.0.modulation"], fp8["blocks.0.modulation"].float())
+    assert torch.equal(sd["blocks.0.ffn.0.weight"], fp8["blocks.0.ffn.0.weight"].to(torch.bfloat16))
+
+
+FSDP_SCRIPT = """
+import sys, types
+import torch, torch.distributed as dist
+from engine.loading import build_dit, load_dit, open_dit
+from parallel.apply import load_dit_placed
+from parallel.fsdp import apply_fsdp, flat_mesh, load_sharded
+from tests.test_dit import SMALL
+from tests.test_loading import FP32_NAMES
+
+folder, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path = folder + "/wan.safetensors"
+dist.init_process_group("gloo", rank=rank, world_size=world, init_method="file://" + folder + "/rdzv")
+mesh = flat_mesh(torch.device("cpu"), world)
+cfg = types.SimpleNamespace(task=None, blocks_to_swap=0, offload_percent=0.0)
+rt = types.SimpleNamespace(device=torch.device("cpu"))
+model = load_dit_placed(cfg, types.SimpleNamespace(dit=path), rt, torch.bfloat16, mesh)
+fp32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+assert fp32 == FP32_NAMES, sorted(fp32 ^ FP32_NAMES)
+assert {p.dtype for n, p in model.named_parameters() if n not in FP32_NAMES} == {torch.bfloat16}
+plain = load_dit(path, "cpu", torch.bfloat16)
+g = torch.Generator().manual_seed(0)
+x, t, ctx = torch.randn(1, 16, 2, 8, 10, generator=g), torch.tensor([700.0]), torch.randn(1, 7, 64, generator=g)
+with torch.no_grad():
+    a, b = model(x, t, ctx), plain(x, t, ctx)
+assert torch.equal(a, b), (a - b).abs().max()
+uncast = build_dit(SMALL)  # sharded as built (fp32): refused, it would run the whole model in fp32
+apply_fsdp(uncast, uncast.blocks, mesh)
+try:
+    load_sharded(uncast, open_dit(path, torch.bfloat16)[0], torch.device("cpu"), torch.bfloat16, "Wan2.1 DiT", path)
+except RuntimeError as exc:
+    assert "call cast_to_run_dtype before fully_shard" in str(exc), exc
+else:
+    raise AssertionError("an fp32-sharded model was filled for a bf16 run")
+dist.destroy_process_group()
+print("fsdp ok")
+"""
+
+
+def test_fsdp_shards_each_tensor_in_its_run_dtype(tmp_path, official):
+    """Two gloo ranks: mixed-dtype shards (bf16 and the fp32 small tensors) gather to the plain bf16 model."""
+    import subprocess
+    import sys
+
+    from tests.multirank import ROOT, gang_env
+
+    save_file(official, tmp_path / "wan.safetensors")
+    env = {**gang_env(), "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", FSDP_SCRIPT, str(tmp_path), str(r), "2"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert "fsdp ok" in out
 
 
 def test_diffusers_transformer_folder(tmp_path, official):

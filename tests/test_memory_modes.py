@@ -171,3 +171,25 @@ def test_auto_preset_rule():
     assert one_small["t5_cpu"] and one_small["vae_tiling"] and one_small["blocks_to_swap"] == 27
     tiny_card = auto_settings(1, 4.0, 26.6, 10.6, 40, 5120)
     assert (tiny_card["blocks_to_swap"], tiny_card["offload_percent"]) == (40, 1.0)
+
+
+def test_block_swap_in_a_bf16_run_keeps_the_fp32_tensors_and_the_output(dit_path):
+    from types import SimpleNamespace
+
+    from parallel.apply import load_dit_placed
+
+    x, t, ctx = _inputs()
+    plain = load_dit(dit_path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = plain(x, t, ctx)
+    cfg = SimpleNamespace(task=None, blocks_to_swap=1, offload_percent=0.5)
+    model = load_dit_placed(cfg, SimpleNamespace(dit=dit_path), SimpleNamespace(device=torch.device("cpu")),
+                            torch.bfloat16, None)
+    streamer = model.block_runner.streamer
+    host = {id(p): h for unit in streamer.units.values() for p, h in unit}
+    for name, p in model.named_parameters():  # the host copies too: each tensor in its run dtype
+        want = plain.get_parameter(name).dtype
+        assert p.dtype == host.get(id(p), p).dtype == want, name
+    assert plain.blocks[2].modulation.dtype == torch.float32 and plain.blocks[2].ffn[0].weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(model(x, t, ctx), ref)
