@@ -155,7 +155,7 @@ class Server:
         self.watch.end()
         if outcome is not None:
             result = None
-        self._after_request(failed=isinstance(outcome, RankFailed))
+        self._after_request(outcome if isinstance(outcome, RankFailed) else None)
         if outcome is not None:
             raise outcome
         return result
@@ -173,17 +173,22 @@ class Server:
             return Cancelled(str(agreed))
         return RankFailed(self.rt.rank, max(0, hook.step), message)
 
-    def _after_request(self, failed: bool) -> None:
+    def _after_request(self, failure: RankFailed | None) -> None:
         """Per-request state reset on every rank, after success or failure alike; after a failure on CUDA,
         a device that does not drain (a kernel waiting for a peer that left, a broken context) ends the gang."""
-        self.pipe.reset_request_state(failed)
-        gc.collect()
         cuda = self.rt.device.type == "cuda"
-        if failed and cuda:
-            drained = faults.device_drains(self.rt.device)
+        broken = False
+        try:
+            self.pipe.reset_request_state(failure is not None)
+        except Exception as exc:  # noqa: BLE001 - a broken CUDA context fails even this
+            log.error("rank %d: resetting the request state failed: %s", self.rt.rank, exc)
+            broken = True
+        gc.collect()
+        if failure is not None and cuda:
+            drained = not broken and faults.device_drains(self.rt.device)
             if self.rt.any_flag(0 if drained else 1):
                 self._end_gang("a GPU did not finish its queued work after the failure (a collective waiting for a "
-                               "rank that left, or a CUDA error): its communicators cannot be trusted")
+                               "rank that left, or a CUDA error): its communicators cannot be trusted", failure)
         if cuda:
             torch.cuda.empty_cache()
         self.last_memory = self.rt.all_gather_object(memory_report(self.rt))

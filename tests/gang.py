@@ -25,6 +25,14 @@ def main(spec_path: str) -> int:
     from parallel.serve import start_server
 
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("mp4") is False:  # machines without imageio-ffmpeg (the GPU lane): frames checked, not encoded
+        import parallel.outputs
+
+        def check_frames(frames, path, fps=16) -> None:
+            if frames.dtype.name != "uint8" or frames.ndim != 4 or frames.shape[-1] != 3:
+                raise ValueError(f"bad frames {frames.dtype} {frames.shape}")
+
+        parallel.outputs.write_mp4 = check_frames
     cfg = load_config(spec["argv"])
     server = start_server(cfg)
     if not server.is_rank0:
@@ -53,13 +61,14 @@ def main(spec_path: str) -> int:
                                                save_latents=item.get("save_latents"), fault=item.get("fault"),
                                                decode=item.get("decode", True))
                 record({"ok": True, "videos": [str(p) for p in out.videos], "meta": out.meta, "attempt": attempt,
-                        "memory": out.memory, "seconds": time.perf_counter() - t0, "t": time.time()})
+                        "memory": out.memory, "seconds": time.perf_counter() - t0, "t": time.time(),
+                        "host_rss_gib": host_rss_gib()})
             except ServerRestarting:
                 break  # the gang is ending; the next attempt goes on from here
             except Exception as exc:  # noqa: BLE001 - recorded for the test to check
                 record({"ok": False, "error": str(exc), "type": type(exc).__name__, "index": i, "attempt": attempt,
                         "memory": server.last_memory, "seconds": time.perf_counter() - t0, "t": time.time(),
-                        "restarting": bool(server.failed)})
+                        "restarting": bool(server.failed), "host_rss_gib": host_rss_gib()})
             if server.failed:
                 break
     finally:
@@ -67,6 +76,14 @@ def main(spec_path: str) -> int:
             Path(spec["result"]).write_text(json.dumps(results, indent=1, default=str))
         server.shutdown()
     return 0
+
+
+def host_rss_gib() -> dict:
+    """This process's resident set now and at its peak, GiB."""
+    import resource
+
+    now = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return {"now": round(now, 3), "peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
 if __name__ == "__main__":
