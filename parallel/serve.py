@@ -163,7 +163,7 @@ class Server:
     def _report(self, exc: Exception, hook: StepAgreement, req: GenerationRequest, request_id: int) -> Exception:
         """A local failure: post it on the fault board, then agree; returns the exception to raise."""
         message = faults.describe(exc, req)
-        log.error("rank %d: %s at step %d", self.rt.rank, message, max(0, hook.step))
+        log.error("rank %d: %s at step %d", self.rt.rank, message, max(0, hook.step), exc_info=exc)
         self.board.post(request_id, self.rt.rank, max(0, hook.step), message)
         try:
             hook.fail(message)
