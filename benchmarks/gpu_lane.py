@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from engine.config import DIT_CONFIGS  # noqa: E402
 
 LOG: list[str] = []
+ONLY: set[str] | None = None  # --only: the case names to run
 
 
 def say(*parts) -> None:
@@ -187,6 +188,8 @@ def part_presets(m: dict, req: dict, work: Path) -> list[dict]:
 
     out = []
     for name in [*available_presets(), "auto"]:
+        if ONLY and f"preset:{name}" not in ONLY:
+            continue
         argv = m["flags"] + ["--preset", name]
         if name == "8gpu_distributed":  # its memory settings on one rank: the 8-rank layout cannot run here
             argv += ["--world_size", "1", "--ulysses_size", "1", "--ring_size", "1"]
@@ -209,6 +212,8 @@ def part_modes(m: dict, req: dict, work: Path, cal: list[dict]) -> list[dict]:
     }
     out = []
     for name, flags in modes.items():
+        if ONLY and name not in ONLY:
+            continue
         r = dict(req, teacache=0.2) if "teacache" in name else req
         reqs = [{"raw": r, "decode": False}]
         if name in ("mode:plain", "mode:block_swap_20", "mode:fsdp+offload"):
@@ -328,6 +333,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/gpu_lane_<gpu>.json)")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated case names to run (of the parts chosen)")
     ap.add_argument("--paths-check", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.paths_check:
@@ -347,6 +353,8 @@ def main() -> None:
            [{"size": "832*480", "frame_num": 81}, {"size": "1280*720", "frame_num": 81},
             {"size": "832*480", "frame_num": 81, "batch_size": 2}])
     parts = a.part.split(",")
+    global ONLY
+    ONLY = set(a.only.split(",")) if a.only else None
     cases: list[dict] = []
     for p in parts:
         t0 = time.perf_counter()

@@ -142,13 +142,20 @@ def teacache_agreement(rt: Runtime, pipe: WanPipeline):
 def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh) -> WanDiT:
     """The DiT sharded (FSDP) or whole, with the block-swap / offload plan applied from the start: the
     planned tensors go straight to host memory (FSDP: this rank's shards, via FSDP2's CPU offload)."""
-    from parallel.offload import apply_offload, fsdp_offload_units, host_param_names, plan_offload
+    from parallel.offload import (
+        apply_offload,
+        fsdp_offload_units,
+        host_param_names,
+        plan_fsdp_offload,
+        plan_offload,
+    )
 
     view, dcfg = open_dit(files.dit, dtype)
     if cfg.task:  # --task t2v-14B / t2v-1.3B: the file must be that model (else: first mismatching tensor)
         dcfg = DIT_CONFIGS[cfg.task.split("-", 1)[1]]
     model = build_dit(dcfg, dtype)  # each tensor in its run dtype (keep_fp32 ones fp32) before sharding
-    plan = plan_offload(model.blocks, cfg.blocks_to_swap, cfg.offload_percent)
+    planner = plan_fsdp_offload if mesh is not None else plan_offload
+    plan = planner(model.blocks, cfg.blocks_to_swap, cfg.offload_percent)
     if mesh is not None:
         from parallel.fsdp import apply_fsdp, load_sharded
 
@@ -156,8 +163,9 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
         apply_fsdp(model, model.blocks, mesh, offload=offloaded)
         load_sharded(model, view, rt.device, dtype, "Wan2.1 DiT", files.dit, host_modules=offloaded)
         if not plan.empty:
-            log.info("offload under FSDP: %d blocks + %d layers keep this rank's shards in host memory",
-                     len(plan.swapped), sum(len(v) for v in plan.layers.values()))
+            log.info("offload under FSDP: %d whole blocks (%d swapped + offload_percent %g of the others) keep this "
+                     "rank's shards in host memory", len(plan.swapped), min(cfg.blocks_to_swap, len(model.blocks)),
+                     cfg.offload_percent)
         return model.eval().requires_grad_(False)
     model = load_dit(files.dit, rt.device, dtype, expect=dcfg, host_names=host_param_names(model, plan) or None)
     apply_offload(model, plan, rt.device)

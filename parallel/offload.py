@@ -111,6 +111,19 @@ class HostStore:
             self.close()
 
 
+def plan_fsdp_offload(blocks: nn.ModuleList, blocks_to_swap: int, offload_percent: float) -> OffloadPlan:
+    """The plan under FSDP: whole blocks only. FSDP2 gathers a unit's parameters in that module's forward
+    hooks, but the DiT calls some Linear weights directly (the GELU fused into the FFN's GEMM on CUDA), so an
+    offloaded Linear as its own FSDP unit would be used still sharded. `offload_percent` becomes that share of
+    the non-swapped blocks, offloaded whole (the blocks just before the swapped ones)."""
+    base = plan_offload(blocks, blocks_to_swap, offload_percent)  # validates and clamps
+    n, swap = len(blocks), len(base.swapped)
+    extra = round(offload_percent * (n - swap))
+    plan = OffloadPlan(swapped=list(range(n - swap - extra, n)), total_bytes=base.total_bytes)
+    plan.host_bytes = sum(_bytes(blocks[i]) for i in plan.swapped)
+    return plan
+
+
 class BlockStreamer:
     """Host copies of each unit's tensors; `fetch` streams a unit in, `release` drops it from the device.
 

@@ -151,6 +151,19 @@ def test_fsdp_offload_units_are_materialised_on_the_cpu_and_the_rest_on_the_devi
     assert {p.device.type for p in model[1][1].parameters()} == {"meta"}
 
 
+def test_offload_under_fsdp_makes_whole_block_units_only(dit_path):
+    from parallel.offload import fsdp_offload_units, plan_fsdp_offload
+
+    model = load_dit(dit_path)  # 3 blocks
+    plan = plan_fsdp_offload(model.blocks, 1, 0.5)  # 1 swapped + half of the other 2
+    assert plan.swapped == [1, 2] and not plan.layers
+    offloaded, plain = fsdp_offload_units(model, plan)
+    assert offloaded == [model.blocks[1], model.blocks[2]] and plain == [model.blocks[0]]
+    assert all(isinstance(m, type(model.blocks[0])) for m in offloaded), "no Linear as its own FSDP unit"
+    assert plan_fsdp_offload(model.blocks, 0, 1.0).swapped == [0, 1, 2]
+    assert plan_fsdp_offload(model.blocks, 0, 0.0).empty
+
+
 def test_ring_exchange_posts_send_and_receive_as_one_batch(monkeypatch):
     from parallel import usp
 
