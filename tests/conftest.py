@@ -45,6 +45,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def production_pipeline(model_dir: Path, **flags):
+    """(pipe, state) for the model in model_dir, assembled as a one-process server does it: a RunConfig,
+    parallel.runtime.Runtime(), preflight + parallel.apply.build_parallel_pipeline (parallel/startup.py
+    start_server), and the start-up layout applied as before every request (parallel/serve.py execute)."""
+    from engine.cli import RunConfig
+    from parallel.apply import apply_layout, build_parallel_pipeline
+    from parallel.runtime import Runtime
+    from parallel.startup import preflight
+
+    cfg, rt = RunConfig(model_dir=str(model_dir), **{"dtype": "fp32", **flags}), Runtime()
+    pipe, state = build_parallel_pipeline(cfg, rt, preflight(cfg, rt))
+    apply_layout(pipe, state.meshes.get(state.default_layout), state.kernel, state.sp_backend)
+    return pipe, state
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded tiny model, generated once per test session in a temp folder."""
