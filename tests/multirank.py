@@ -30,15 +30,18 @@ def gang_env(tiny_dir: Path | None = None) -> dict[str, str]:
 
 
 def run_gang(nproc: int, argv: list[str], requests: list[dict], workdir: Path, tiny_dir: Path,
-             timeout: float = 600) -> tuple[list[dict], str]:
-    """Start `nproc` ranks with torchrun, submit `requests` from rank 0; returns (results, log)."""
+             timeout: float = 600, **spec_extra) -> tuple[list[dict], str]:
+    """Start `nproc` ranks with torchrun, submit `requests` from rank 0; returns (results, log).
+
+    spec_extra: more keys of tests/gang.py's SPEC (e.g. dynamo_counters=True). torchrun runs --standalone:
+    its rendezvous store binds a port of the system's choosing, so no port is picked here (a port checked
+    free may be taken before the server binds it)."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec = {"argv": argv + ["--outputs_dir", str(workdir / "outputs")], "requests": requests,
-            "result": str(workdir / "result.json")}
+            "result": str(workdir / "result.json"), **spec_extra}
     (workdir / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--max_restarts=0",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", str(ROOT / "tests" / "gang.py"),
-           str(workdir / "spec.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--max_restarts=0", str(ROOT / "tests" / "gang.py"), str(workdir / "spec.json")]
     proc = subprocess.run(cmd, cwd=ROOT, env=gang_env(tiny_dir), capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
     (workdir / "gang.log").write_text(log)
