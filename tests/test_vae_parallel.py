@@ -3,8 +3,9 @@
 The frame is tall (62 latent rows) and narrow (4 columns), so that every rank's window (its rows widened by
 the 13-row halo of the tiny VAE) is well inside the frame: a halo too small or a slice put in the wrong
 place changes rows next to the cuts. The decode runs in float64, where a correct halo reproduces the
-one-rank decode to rounding (measured: 0.0; a halo of 11 instead of 13 rows: 1e-10), so the tolerance can
-be tight; float32 convolutions of different extents already differ by ~3e-6 (a halo short by 5 rows: 3e-5).
+one-rank decode to rounding (measured: < 1e-14; each slice cut with a halo of 11 rows instead of 13: 1.6e-9),
+so the tolerance can be tight; float32 convolutions of different extents already differ by ~3e-6 (a halo
+short by 5 rows: 3e-5).
 """
 
 from __future__ import annotations
