@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import queue
 import re
 import threading
@@ -601,12 +602,36 @@ def serve_ui(server, cfg: RunConfig, auth: list[tuple[str, str]] | None = None) 
     server.dispatcher.memory()  # every rank's device and memory for the cluster panel from the start
     demo = build_ui(server, cfg)
     demo.queue(default_concurrency_limit=1, max_size=cfg.queue_size, api_open=False)
-    demo.launch(
-        server_name=cfg.listen, server_port=cfg.port, share=cfg.share, auth=auth,
-        auth_message="Wan2.1 text-to-video: log in with the user and password the server was started with.",
-        show_error=False,  # only gr.Error messages reach the client; tracebacks stay in the server log
-        allowed_paths=[str(outputs)], max_file_size="1mb", enable_monitoring=False, ssr_mode=False,
-        run_history=False, mcp_server=False, pwa=False, footer_links=["api"], css=CSS, quiet=False,
-        app_kwargs={"middleware": [Middleware(RefuseUploads), Middleware(GuardQueueJoin, fn_indices=lambda: demo.fns.keys())],
-                    "routes": [healthz_route(server)]},
-    )
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = cfg.port or unused_port(cfg.listen)  # --port 0: a port of the system's choosing
+        try:
+            demo.launch(
+                server_name=cfg.listen, server_port=port, share=cfg.share, auth=auth,
+                auth_message="Wan2.1 text-to-video: log in with the user and password the server was started with.",
+                show_error=False,  # only gr.Error messages reach the client; tracebacks stay in the server log
+                allowed_paths=[str(outputs)], max_file_size="1mb", enable_monitoring=False, ssr_mode=False,
+                run_history=False, mcp_server=False, pwa=False, footer_links=["api"], css=CSS, quiet=False,
+                app_kwargs={"middleware": [Middleware(RefuseUploads), Middleware(GuardQueueJoin, fn_indices=lambda: demo.fns.keys())],
+                            "routes": [healthz_route(server)]},
+                prevent_thread_lock=True,  # returns once serving (the port is bound); blocked on below
+            )
+            break
+        except OSError as exc:  # Gradio: "Cannot find empty port in range: P-P"
+            if cfg.port or attempt == PORT_ATTEMPTS:
+                raise
+            log.warning("port %d was taken before the web server could bind it (%s); trying another", port, exc)
+    print(LISTENING.format(host=cfg.listen, port=port, pid=os.getpid()), flush=True)
+    demo.block_thread()
+
+
+PORT_ATTEMPTS = 5  # --port 0: ports tried (one taken between the pick and the bind is replaced)
+LISTENING = "Wan2.1 web UI listening on http://{host}:{port} (pid {pid})"  # printed once serving; tests parse it
+
+
+def unused_port(host: str) -> int:
+    """A port that nothing on `host` listens on now (the caller binds it at once, and retries if it lost it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

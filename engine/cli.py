@@ -105,6 +105,7 @@ _HELP = {
     "offload_percent": "fraction (0-1) of the non-swapped DiT weights kept in host memory; higher saves more GPU memory",
     "blocks_to_swap": "number of DiT blocks streamed from host memory",
     "listen": "bind address; --listen alone means 0.0.0.0",
+    "port": "web UI port; 0 = any free port (the one bound is printed: 'Wan2.1 web UI listening on http://HOST:PORT')",
     "fault_grace": "seconds the other ranks may stay inside a request after one rank failed in it (stuck in a "
                    "collective with it) before the gang aborts its communicators and exits for torchrun to restart it",
 }

@@ -1,4 +1,4 @@
-"""Build the single-process pipeline from a RunConfig: find files (or the tiny model), load, place."""
+"""From a RunConfig: the model files (or the tiny model), dtype, limits and defaults that parallel/apply.py loads."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import torch
 
 from engine.cli import RunConfig
 from engine.config import DIT_CONFIGS, SAMPLE_DEFAULTS, SUPPORTED_SIZES, TINY_SIZES
-from engine.loading import load_text_encoder, load_vae, open_dit
+from engine.loading import open_dit
 from engine.model_files import ModelFiles, find_model_files
-from engine.pipeline import WanPipeline
 from engine.request import RequestLimits
 from engine.tiny import RANDOM_WEIGHTS_NOTICE, default_tiny_dir, ensure_tiny_model
 
@@ -98,23 +97,3 @@ def model_info(files: ModelFiles, cfg: RunConfig, dtype: torch.dtype, count_toke
         "teacache": cfg.teacache,
     }
     return ModelInfo(key, files, dcfg.num_heads, dcfg.num_layers, dtype, limits, defaults)
-
-
-def load_pipeline(cfg: RunConfig, device: torch.device, dit_loader=None) -> tuple[WanPipeline, ModelInfo]:
-    """Load DiT, text encoder and VAE for a single process (parallel/ passes its own dit_loader)."""
-    from engine.loading import load_dit
-
-    files = resolve_files(cfg)
-    dtype = resolve_dtype(cfg.dtype, device)
-    t5_device = torch.device("cpu") if cfg.t5_cpu else device
-    t5_dtype = torch.float32 if t5_device.type == "cpu" and dtype != torch.float32 else dtype
-    log.info("loading text encoder %s on %s", files.t5, t5_device)
-    text_encoder = load_text_encoder(files.t5, files.tokenizer, t5_device, t5_dtype)
-    info = model_info(files, cfg, dtype, count_tokens=text_encoder.count_tokens)
-    log.info("loading DiT %s (%s, %d layers, %d heads) as %s", files.dit, info.key, info.num_layers, info.num_heads, dtype)
-    dit = (dit_loader or load_dit)(files.dit, device, dtype)
-    vae_dtype = torch.float32 if device.type == "cpu" else dtype
-    log.info("loading VAE %s", files.vae)
-    vae = load_vae(files.vae, device, vae_dtype)
-    pipe = WanPipeline(dit, text_encoder, vae, device, model_name=Path(files.dit).stem, random_weights=files.random_weights)
-    return pipe, info

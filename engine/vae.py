@@ -309,15 +309,24 @@ class WanVAE(nn.Module):
         feats = self.decode_middle(latents)
         if not tile:
             return self.decode_tail(feats).clamp_(-1, 1)
+        return self.decode_tiles(feats, tile).clamp_(-1, 1)
+
+    def decode_tiles(self, feats: Tensor, tile: bool | int | tuple[int, int], rows: tuple[int, int] | None = None) -> Tensor:
+        """Stage 2 tile by tile: the latent rows [r0, r1) (default: all) of the video, every column, unclamped.
+
+        tile: True = `DEFAULT_TILE`, an int or (rows, cols) = the tile core in latent pixels. Each tile is one
+        `decode_tail` call (exact halo), so the result equals `decode_tail(feats, ((r0, r1), (0, w)))`.
+        """
         th, tw = DEFAULT_TILE if tile is True else (tile, tile) if isinstance(tile, int) else tile
         if th < 1 or tw < 1:
             raise ValueError(f"tile sizes must be >= 1 latent pixel, got {tile}")
-        out = self._new_video(feats, feats.shape[3], feats.shape[4])
+        r0, r1 = rows or (0, feats.shape[3])
+        out = self._new_video(feats, r1 - r0, feats.shape[4])
         s = self.spatial_factor
-        for r0, r1 in split_spans(feats.shape[3], th):
+        for a0, a1 in split_spans(r1 - r0, th):
             for c0, c1 in split_spans(feats.shape[4], tw):
-                self.decode_tail(feats, ((r0, r1), (c0, c1)), out=out[..., s * r0 : s * r1, s * c0 : s * c1])
-        return out.clamp_(-1, 1)
+                self.decode_tail(feats, ((r0 + a0, r0 + a1), (c0, c1)), out=out[..., s * a0 : s * a1, s * c0 : s * c1])
+        return out
 
     def decode_middle(self, latents: Tensor) -> Tensor:
         """Stage 1, untiled: normalised latents (B, z, T, h, w) → middle features (B, C, T, h, w)."""

@@ -228,7 +228,8 @@ class Server:
                     hook.step = -1
                     hook.agree(OK, "")  # every rank finished its slice (or all leave together)
 
-                videos = [parallel_decode(vae, z[None], rt.rank, rt.world_size, rt.gather_object, agreed) for z in lat]
+                videos = [parallel_decode(vae, z[None], rt.rank, rt.world_size, rt.gather_object, agreed,
+                                          tile=self.cfg.vae_tiling) for z in lat]  # --vae_tiling: each slice tiled
                 if rt.rank == 0:
                     result.video = torch.cat(videos)
             elif rt.rank == 0:

@@ -45,6 +45,32 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def production_server(model_dir: Path, **flags):
+    """This process's parallel.serve.Server for the model in model_dir, assembled as a one-process server
+    does it: a RunConfig, parallel.runtime.Runtime(), preflight + parallel.apply.build_parallel_pipeline
+    (parallel/startup.py start_server). `server.execute(request, {"decode": False})` runs a request."""
+    from engine.cli import RunConfig
+    from parallel.apply import build_parallel_pipeline
+    from parallel.runtime import Runtime
+    from parallel.serve import Server
+    from parallel.startup import preflight
+
+    cfg, rt = RunConfig(model_dir=str(model_dir), **{"dtype": "fp32", **flags}), Runtime()
+    pipe, state = build_parallel_pipeline(cfg, rt, preflight(cfg, rt))
+    return Server(cfg, rt, pipe, state)
+
+
+def production_pipeline(model_dir: Path, **flags):
+    """(pipe, state) of `production_server`, with the start-up layout applied as before every request
+    (parallel/serve.py Server.execute), for tests that call pipe.generate themselves."""
+    from parallel.apply import apply_layout
+
+    server = production_server(model_dir, **flags)
+    state = server.state
+    apply_layout(server.pipe, state.meshes.get(state.default_layout), state.kernel, state.sp_backend)
+    return server.pipe, state
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded tiny model, generated once per test session in a temp folder."""

@@ -3,7 +3,9 @@ rank 0 (each with its own layout, latents path, fault injection), write what hap
 
     python -m torch.distributed.run --standalone --nproc_per_node N tests/gang.py SPEC.json
 SPEC: {"argv": [app flags...], "requests": [{"raw": {...}, "save_latents": path, "fault": {...}}],
-       "result": path, "idle_s": seconds to sleep before request i (optional list)}
+       "result": path, "idle_s": seconds to sleep before request i (optional list),
+       "dynamo_counters": true to write every rank's torch._dynamo frame counts after each request to
+       RESULT.dynamo.rank<R>.jsonl (see count_compilations)}
 Each result is appended to RESULT.jsonl as soon as it is known, so a gang that torchrun restarts (after a
 failure that ended the gang) goes on with the next request; RESULT (JSON) holds the list at the end.
 """
@@ -35,6 +37,8 @@ def main(spec_path: str) -> int:
         parallel.outputs.write_mp4 = check_frames
     cfg = load_config(spec["argv"])
     server = start_server(cfg)
+    if spec.get("dynamo_counters"):
+        count_compilations(server, f"{spec['result']}.dynamo.rank{server.rt.rank}.jsonl")
     if not server.is_rank0:
         server.worker_loop()
         server.shutdown()
@@ -84,6 +88,24 @@ def host_rss_gib() -> dict:
 
     now = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     return {"now": round(now, 3), "peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+def count_compilations(server, path: str) -> None:
+    """After every request this rank runs, append torch._dynamo's frame counters to `path` (one JSON line:
+    {"request": n, "frames": {"total": .., "ok": ..}}): a frame compiled again shows as a higher count."""
+    from torch._dynamo.utils import counters
+
+    execute, done = server.execute, []
+
+    def counted(*args, **kwargs):
+        try:
+            return execute(*args, **kwargs)
+        finally:
+            done.append(1)
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"request": len(done), "frames": dict(counters["frames"])}) + "\n")
+
+    server.execute = counted
 
 
 if __name__ == "__main__":

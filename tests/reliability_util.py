@@ -1,6 +1,7 @@
-"""Helpers for tests/test_reliability.py: a `./launch.sh --nproc N` gang on a free port that torchrun may
-restart, its rank processes and their memory, a raw client of Gradio's queue protocol (every byte the
-client receives is kept, to look for tracebacks), raw HTTP probes (no URL normalisation), the fuzz cases."""
+"""Helpers for tests/test_reliability.py: a `./launch.sh --nproc N` gang that torchrun may restart, serving on
+a port its rank 0 binds itself (`--port 0`; a restarted rank 0 binds a new one), its rank processes and their
+memory, a raw client of Gradio's queue protocol (every byte the client receives is kept, to look for
+tracebacks), raw HTTP probes (no URL normalisation), the fuzz cases."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any
 import httpx
 
 from tests.multirank import rank_pids
-from tests.ui_server import ROOT, free_port
+from tests.ui_server import ROOT, announced_port
 
 USER, PASSWORD = "reliability", "s3cret-pass"
 # What a Python traceback looks like when it leaks into an answer.
@@ -41,13 +42,31 @@ BUSY = "Queue is full"
 class Gang:
     """`./launch.sh --nproc N` (torchrun) serving the tiny model on CPU, started in its own session."""
 
-    url: str
-    port: int
     outputs: Path
     proc: subprocess.Popen
     log_path: Path
     nproc: int
     ready_at: float | None = None  # time.monotonic() when the page first answered
+    _rank0: tuple[int, int | None] | None = field(default=None, repr=False)  # (rank 0's pid, its port)
+
+    @property
+    def port(self) -> int | None:
+        """The port the live rank 0 announced (ui.py LISTENING); None while no live rank 0 has announced one
+        (starting, or torchrun restarting the gang: a restarted rank 0 binds a new port)."""
+        known = self._rank0
+        if known is None or not alive(known[0]):
+            pid = self.rank_pids().get(0)
+            known = self._rank0 = (pid, None) if pid is not None else None
+        if known is not None and known[1] is None:
+            known = self._rank0 = (known[0], announced_port(self.log(0), known[0]))
+        return known[1] if known is not None else None
+
+    @property
+    def url(self) -> str:
+        port = self.port
+        if port is None:
+            raise RuntimeError(f"no rank 0 of the gang serves now:\n{self.log()}")
+        return f"http://127.0.0.1:{port}"
 
     def log(self, tail: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-tail:] if tail else self.log_path.read_text(errors="replace")
@@ -71,8 +90,11 @@ class Gang:
         return {rank: rss_mib(pid) for rank, pid in sorted(self.rank_pids().items())}
 
     def serving(self) -> bool:
+        port = self.port
+        if port is None:
+            return False
         try:
-            return httpx.get(self.url + "/gradio_api/info", timeout=2).status_code in (200, 401)
+            return httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=2).status_code in (200, 401)
         except httpx.HTTPError:
             return False
 
@@ -114,9 +136,8 @@ def start_gang(tmp: Path, tiny_dir: Path, *args: str, nproc: int = 2, max_restar
                auth: bool = True) -> Gang:
     """Start `./launch.sh --nproc N` with the test interpreter's venv (no set-up), without waiting."""
     tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     outputs = tmp / "outputs"
-    flags = ["--nproc", str(nproc), "--port", str(port), "--outputs_dir", str(outputs), *args]
+    flags = ["--nproc", str(nproc), "--port", "0", "--outputs_dir", str(outputs), *args]
     if auth:
         flags += ["--auth", f"{USER}:{PASSWORD}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
@@ -128,7 +149,15 @@ def start_gang(tmp: Path, tiny_dir: Path, *args: str, nproc: int = 2, max_restar
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(["./launch.sh", *flags], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    return Gang(f"http://127.0.0.1:{port}", port, outputs, proc, log_path, nproc)
+    return Gang(outputs, proc, log_path, nproc)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def rss_mib(pid: int) -> float:

@@ -17,6 +17,7 @@ from engine.request import GenerationRequest
 from engine.text_encoder import t5_hf_to_wan
 from engine.tiny import DIT_FILE, T5_FILE, VAE_FILE, ensure_tiny_model
 from engine.video import probe_mp4
+from tests.conftest import production_pipeline
 from tests.multirank import ROOT, gang_env
 
 SIDECAR_FIELDS = {"prompt", "negative_prompt", "seed", "size", "frame_num", "steps", "guidance", "shift", "solver",
@@ -64,17 +65,10 @@ def test_bad_flag_values_exit_with_the_field_named(tiny_model_dir, tmp_path):
     assert "frame_num: must be 4n+1 between 1 and 241" in proc.stderr
 
 
-def _pipe(tiny_model_dir):
-    from engine.cli import RunConfig
-    from engine.factory import load_pipeline
-
-    return load_pipeline(RunConfig(model_dir=str(tiny_model_dir), dtype="fp32"), torch.device("cpu"))
-
-
 def test_same_seed_gives_bitwise_identical_latents_and_batches_use_consecutive_seeds(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("WAN_TINY_DIR", str(tiny_model_dir))
-    pipe, info = _pipe(tiny_model_dir)
-    assert info.key == "tiny" and info.random_weights
+    pipe, state = production_pipeline(tiny_model_dir)
+    assert state.info.key == "tiny" and state.info.random_weights
     req = GenerationRequest(prompt="a boat", width=208, height=144, frame_num=5, sample_steps=3, base_seed=11)
     a = pipe.generate(req, decode=False).latents
     b = pipe.generate(req, decode=False).latents
@@ -87,7 +81,7 @@ def test_same_seed_gives_bitwise_identical_latents_and_batches_use_consecutive_s
 
 def test_guidance_one_runs_one_forward_per_step(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("WAN_TINY_DIR", str(tiny_model_dir))
-    pipe, _ = _pipe(tiny_model_dir)
+    pipe, _ = production_pipeline(tiny_model_dir)
     req = GenerationRequest(prompt="a", width=208, height=144, frame_num=5, sample_steps=4, base_seed=1,
                             sample_guide_scale=1.0)
     assert pipe.generate(req, decode=False).dit_forwards == 4

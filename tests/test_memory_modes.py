@@ -13,7 +13,7 @@ from engine.loading import load_dit
 from engine.request import GenerationRequest
 from engine.tiny import DIT_FILE
 from parallel.offload import apply_offload, plan_offload
-from tests.conftest import reference_file, rel_err
+from tests.conftest import production_pipeline, reference_file, rel_err
 from tests.multirank import ROOT, gang_env, latents, run_gang
 
 
@@ -61,19 +61,10 @@ def test_offload_percent_takes_that_share_of_bytes(dit_path):
         plan_offload(model.blocks, 0, 1.5)
 
 
-def _tiny_pipeline(tiny_model_dir):
-    from engine.cli import RunConfig
-    from engine.factory import load_pipeline
-
-    cfg = RunConfig(model_dir=str(tiny_model_dir), dtype="fp32")
-    pipe, info = load_pipeline(cfg, torch.device("cpu"))
-    pipe.model_key = info.key
-    return pipe
-
-
 def test_teacache_skips_forwards_and_keeps_first_and_last_steps(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("WAN_TINY_DIR", str(tiny_model_dir))
-    pipe = _tiny_pipeline(tiny_model_dir)
+    pipe, state = production_pipeline(tiny_model_dir)
+    assert pipe.model_key == state.info.key == "tiny"  # TeaCache's coefficients are chosen by this key
     req = GenerationRequest(prompt="a fox", width=208, height=144, frame_num=5, sample_steps=12, base_seed=3)
     base = pipe.generate(req, decode=False)
     cached = pipe.generate(GenerationRequest(**{**req.to_dict(), "teacache": 0.15}), decode=False)

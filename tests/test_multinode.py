@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import rel_err
-from tests.multirank import ROOT, free_port, gang_env, latents, run_gang
+from tests.multirank import ROOT, gang_env, latents, listening_ports, run_gang
 
 pytestmark = pytest.mark.multirank
 REQ = ["--prompt", "a lighthouse at night", "--size", "208*144", "--frame_num", "9", "--base_seed", "3", "--dtype", "fp32"]
@@ -26,14 +27,36 @@ def node_env(tiny_dir: Path, model_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
-def start_nodes(port: int, tiny_dir: Path, args0: list[str], args1: list[str]) -> list[subprocess.Popen]:
-    procs = []
-    for rank, args in ((0, args0), (1, args1)):
-        cmd = ["./launch.sh", "--nproc", "2", "--nnodes", "2", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
-               "--master_port", str(port), *args]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=node_env(tiny_dir), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
-    return procs
+def start_node(rank: int, port: int, tiny_dir: Path, args: list[str]) -> subprocess.Popen:
+    cmd = ["./launch.sh", "--nproc", "2", "--nnodes", "2", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
+           "--master_port", str(port), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=node_env(tiny_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def start_nodes(tiny_dir: Path, args0: list[str], args1: list[str], attempts: int = 5,
+                timeout: float = 120) -> list[subprocess.Popen]:
+    """Node 0 first, then node 1 once node 0's torchrun agent listens on the rendezvous port.
+
+    A static rendezvous needs a port both nodes know in advance: a candidate the system has just given out
+    is handed to node 0, and only its own bind proves it free; when it was taken in between (node 0 exits
+    with EADDRINUSE), the start is retried on another."""
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # a candidate only (see above)
+        node0 = start_node(0, port, tiny_dir, args0)
+        deadline = time.monotonic() + timeout
+        while port not in listening_ports(node0.pid) and node0.poll() is None:
+            if time.monotonic() > deadline:
+                os.killpg(node0.pid, signal.SIGKILL)
+                raise AssertionError(f"node 0 did not listen on {port} within {timeout:.0f} s:\n{node0.communicate()[0]}")
+            time.sleep(0.1)
+        if node0.poll() is None:
+            return [node0, start_node(1, port, tiny_dir, args1)]
+        out = node0.communicate()[0]
+        assert "EADDRINUSE" in out or "address already in use" in out.lower(), out[-3000:]
+    raise AssertionError(f"node 0 could not bind a rendezvous port in {attempts} attempts")
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
@@ -55,7 +78,7 @@ def test_two_nodes_generate_like_one_process_with_ulysses_inside_ring_across(tin
                       tmp_path / "one", tiny_model_dir)
     assert one[0]["ok"]
     args = [*REQ, "--sample_steps", "10", "--save_latents", str(tmp_path / "two.st"), "--outputs_dir", str(tmp_path)]
-    (rc0, log0), (rc1, log1) = finish(start_nodes(free_port(), tiny_model_dir, args, args))
+    (rc0, log0), (rc1, log1) = finish(start_nodes(tiny_model_dir, args, args))
     assert rc0 == 0 and rc1 == 0, log0[-3000:] + log1[-3000:]
     assert "Initialized distributed environment with 4 processes" in log0
     assert "default layout: ulysses 2 × ring 2 (2 nodes: Ulysses inside a node, Ring across nodes)" in log0
@@ -67,7 +90,7 @@ def test_a_model_file_missing_on_node1_stops_both_nodes_with_its_name(tiny_model
     good = ["--model_dir", str(tiny_model_dir), *REQ]
     bad = ["--model_dir", str(tiny_model_dir), "--dit", "/nowhere/wan2.1_14b.safetensors", *REQ]
     assert any(dit.iterdir())
-    (rc0, log0), (rc1, log1) = finish(start_nodes(free_port(), tiny_model_dir, good, bad), timeout=180)
+    (rc0, log0), (rc1, log1) = finish(start_nodes(tiny_model_dir, good, bad), timeout=180)
     assert rc0 != 0 and rc1 != 0
     for log in (log0, log1):
         assert "node 1 (" in log and "--dit /nowhere/wan2.1_14b.safetensors: no such file" in log
@@ -77,7 +100,7 @@ def test_killing_node1s_agent_makes_node0_exit_nonzero_quickly(tiny_model_dir, t
     import threading
 
     args = [*REQ, "--sample_steps", "200", "--frame_num", "17", "--outputs_dir", str(tmp_path), "--heartbeat_timeout", "20"]
-    procs = start_nodes(free_port(), tiny_model_dir, args, args)
+    procs = start_nodes(tiny_model_dir, args, args)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(procs[0].stdout.readline, "")), daemon=True)
     reader.start()

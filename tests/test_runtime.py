@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from parallel.layout import LayoutError, ParallelLayout, check_layout, default_layout, resolve_layout
-from tests.multirank import ROOT, free_port, gang_env, latents, rank_pids, run_gang
+from tests.multirank import ROOT, gang_env, latents, rank_pids, run_gang
 
 REQ = {"prompt": "a lighthouse at night", "size": "208*144", "frame_num": 5, "sample_steps": 5, "base_seed": 7}
 
@@ -77,8 +77,8 @@ def test_idle_longer_than_compute_timeout_then_next_request_works(tiny_model_dir
 @pytest.mark.multirank
 def test_sigkill_of_a_worker_ends_the_whole_gang_quickly(tiny_model_dir, tmp_path):
     env = gang_env(tiny_model_dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max_restarts=0",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "app.py", "--prompt", "a long run",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=0",
+           "app.py", "--prompt", "a long run",
            "--size", "208*144", "--frame_num", "9", "--sample_steps", "200", "--ulysses_size", "2",
            "--outputs_dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,4 +1,6 @@
-"""Start the real app (one process, or a torchrun gang through launch.sh) on a free port for the UI tests.
+"""Start the real app (one process, or a torchrun gang through launch.sh) for the UI tests, with `--port 0`:
+the web server binds a port of the system's choosing and prints it (ui.py LISTENING), so no test depends on a
+port it checked free a moment before still being free when the server binds it.
 
     with running_app(tmp_path, tiny_dir, "--queue_size", "1") as app:
         app.url, app.outputs, app.log()
@@ -8,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +28,7 @@ SMALL = {"size": "208*144", "frame_num": 5, "sample_steps": 2}
 
 @dataclass
 class RunningApp:
-    url: str
+    url: str  # http://127.0.0.1:PORT once the app announced the port it bound
     outputs: Path
     proc: subprocess.Popen
     log_path: Path
@@ -38,10 +40,14 @@ class RunningApp:
         return sorted(self.outputs.glob("*.mp4"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ui.py LISTENING, printed by rank 0 once its web server serves
+LISTENING = re.compile(r"Wan2\.1 web UI listening on http://\S+:(\d+) \(pid (\d+)\)")
+
+
+def announced_port(log_text: str, pid: int | None = None) -> int | None:
+    """The port of the last 'Wan2.1 web UI listening on ...' line in a log (of process `pid` if given)."""
+    ports = [int(port) for port, who in LISTENING.findall(log_text) if pid is None or int(who) == pid]
+    return ports[-1] if ports else None
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -62,9 +68,8 @@ def _stop(proc: subprocess.Popen) -> None:
 def running_app(tmp: Path, tiny_dir: Path, *args: str, nproc: int = 1, start_timeout: float = 240) -> Iterator[RunningApp]:
     """app.py (nproc 1) or `./launch.sh --nproc N` serving the tiny model on CPU until the block exits."""
     tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     outputs = tmp / "outputs"
-    flags = ["--port", str(port), "--outputs_dir", str(outputs), *args]
+    flags = ["--port", "0", "--outputs_dir", str(outputs), *args]
     env = {**os.environ, "WAN_TINY_DIR": str(tiny_dir), "CUDA_VISIBLE_DEVICES": "", "GRADIO_ANALYTICS_ENABLED": "False",
            "PYTHONUNBUFFERED": "1"}
     if nproc == 1:
@@ -78,17 +83,20 @@ def running_app(tmp: Path, tiny_dir: Path, *args: str, nproc: int = 1, start_tim
     log_path = tmp / "app.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    app = RunningApp(f"http://127.0.0.1:{port}", outputs, proc, log_path)
+    app = RunningApp("", outputs, proc, log_path)
     try:
         deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"the app exited with {proc.returncode} before serving:\n{app.log()}")
-            try:
-                if httpx.get(app.url + "/gradio_api/info", timeout=2).status_code in (200, 401):
-                    break
-            except httpx.HTTPError:
-                pass
+            port = announced_port(log_path.read_text(errors="replace"))
+            if port is not None:
+                app.url = f"http://127.0.0.1:{port}"
+                try:
+                    if httpx.get(app.url + "/gradio_api/info", timeout=2).status_code in (200, 401):
+                        break
+                except httpx.HTTPError:
+                    pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the app did not serve within {start_timeout:.0f} s:\n{app.log()}")
             time.sleep(0.5)
