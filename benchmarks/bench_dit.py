@@ -93,13 +93,13 @@ def diffusers_alias(ours, cfg: DiTConfig):
     return ref.to("cuda").eval().requires_grad_(False)
 
 
-def inputs(cfg: DiTConfig, width: int, height: int, frames: int, seed: int = 1):
-    g = torch.Generator("cuda").manual_seed(seed)
+def inputs(cfg: DiTConfig, width: int, height: int, frames: int, seed: int = 1, device: str | torch.device = "cuda"):
+    g = torch.Generator(device).manual_seed(seed)
     f = (frames - 1) // 4 + 1
-    x = torch.randn(1, 16, f, height // 8, width // 8, generator=g, device="cuda")
-    t = torch.tensor([700.0], device="cuda")
-    ctx = torch.zeros(1, 512, cfg.text_dim, device="cuda")
-    ctx[:, :120] = torch.randn(1, 120, cfg.text_dim, generator=g, device="cuda")
+    x = torch.randn(1, 16, f, height // 8, width // 8, generator=g, device=device)
+    t = torch.tensor([700.0], device=device)
+    ctx = torch.zeros(1, 512, cfg.text_dim, device=device)
+    ctx[:, :120] = torch.randn(1, 120, cfg.text_dim, generator=g, device=device)
     return x, t, ctx
 
 

@@ -120,6 +120,12 @@ class EstimateInputs:
     vae_dim: int = 96
 
 
+def inputs_from_dict(d: dict) -> EstimateInputs:
+    """EstimateInputs from dataclasses.asdict(...) (e.g. the `memory-estimate` lines of bench_multigpu's log)."""
+    return EstimateInputs(DiTConfig(**d["model"]), Request(**d["request"]), Layout(**d["layout"]), MemoryMode(**d["mode"]),
+                          dict(d["t5"]), d["vae_params"], d["vae_dim"])
+
+
 @dataclass
 class Estimate:
     """Bytes on one rank. `parts` are each counted in the phase where they are largest; `phases` are the
