@@ -43,7 +43,7 @@ def write_random_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], see
         fh.write(blob)
         for name, shape in shapes.items():
             v = random_value(name, tuple(shape), g, dev).to(torch.bfloat16)
-            fh.write(v.view(torch.int16).cpu().numpy().tobytes())
+            fh.write(v.view(torch.int16).cpu().numpy().data)  # no extra host copy
 
 
 def dit_shapes(key: str) -> dict[str, tuple[int, ...]]:
