@@ -280,7 +280,9 @@ def preset_names(a: argparse.Namespace) -> list[str]:
 
 def save(res: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: res[k] for k in KEYS}, indent=1, ensure_ascii=False) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: res[k] for k in KEYS}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -299,14 +301,11 @@ def run(a: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_multigpu_"))
     base = ["--model_dir", model_dir, "--attention", a.attention, "--outputs_dir", str(work), *shlex.split(a.app_args)]
     server = start_server(load_config(base))
-    rt = server.rt
-    dev = rt.device
-    res: dict = {k: {} for k in KEYS}
-    if a.merge and out.exists():
-        res.update(json.loads(out.read_text()))
+    dev = server.rt.device
+    res: dict = {k: None if k == "end_to_end_s" else {} for k in KEYS}
+    if a.merge and rank == 0 and out.exists():  # rank 0 alone keeps the results
+        res.update(json.loads(out.read_text(encoding="utf-8")))
     res.update(gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", gpus=world, torch=torch.__version__)
-    for k in ("end_to_end_s",):
-        res.setdefault(k, None)
     layouts = valid_layouts(world, server.state.info.num_heads)
     say(rank, f"{world} ranks on {res['gpu']}, model {server.state.info.key}, layouts: {[str(x) for x in layouts]}")
     if dev.type != "cuda":
