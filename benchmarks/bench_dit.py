@@ -122,7 +122,7 @@ def diffusers_alias(ours, cfg: DiTConfig, device: str = "cuda"):
     return ref.to(device).eval().requires_grad_(False)
 
 
-def inputs(cfg: DiTConfig, width: int, height: int, frames: int, seed: int = 1, device: str = "cuda"):
+def inputs(cfg: DiTConfig, width: int, height: int, frames: int, seed: int = 1, device: str | torch.device = "cuda"):
     g = torch.Generator(device).manual_seed(seed)
     f = (frames - 1) // 4 + 1
     x = torch.randn(1, 16, f, height // 8, width // 8, generator=g, device=device)

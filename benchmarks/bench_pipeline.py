@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_dit import random_model  # noqa: E402
-from engine.config import DIT_CONFIGS  # noqa: E402
+from engine.config import DIT_CONFIGS, UMT5_XXL  # noqa: E402
 from engine.pipeline import WanPipeline  # noqa: E402
 from engine.request import GenerationRequest  # noqa: E402
 
@@ -49,9 +49,8 @@ def text_encoder(smoke: bool = False):
 
     from engine.text_encoder import TextEncoder, build_tiny_tokenizer, load_tokenizer
 
-    big = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
     small = dict(vocab_size=2048, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
-    cfg = UMT5Config(**(small if smoke else big),
+    cfg = UMT5Config(**(small if smoke else UMT5_XXL),
                      relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
                      layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False)
     cfg._attn_implementation = "sdpa"

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
-import struct
 import sys
 import time
 from pathlib import Path
@@ -23,26 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def write_random(path: Path, model: str, seed: int = 0) -> None:
     """A safetensors file of random bf16 weights in the official layout, written tensor by tensor."""
-    from engine.config import DIT_CONFIGS
-    from engine.loading import build_dit
+    from benchmarks.random_weights import dit_shapes, write_random_safetensors
 
-    meta = build_dit(DIT_CONFIGS[model]).state_dict()
-    header, offset = {}, 0
-    for name, t in meta.items():
-        n = t.numel() * 2
-        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(dev).manual_seed(seed)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for t in meta.values():
-            fan = math.prod(t.shape[1:]) if t.dim() >= 2 else 1
-            v = torch.randn(t.shape, generator=g, device=dev, dtype=torch.float32) / math.sqrt(fan)
-            fh.write(v.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    write_random_safetensors(path, dit_shapes(model), seed)
 
 
 def read(path: Path) -> dict:

@@ -9,6 +9,8 @@ TEXT_LEN = 512
 FPS = 16
 VAE_STRIDE = (4, 8, 8)  # (time, height, width) compression of the VAE
 PATCH = (1, 2, 2)  # DiT patch (t, h, w)
+# umt5-xxl encoder (the Wan2.1 text encoder), as transformers' UMT5Config arguments
+UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64}
 
 DEFAULT_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"

@@ -36,21 +36,21 @@ RANDOM_WEIGHTS_NOTICE = (
 )
 
 
+def random_value(name: str, shape: tuple[int, ...], generator: torch.Generator, device: str | torch.device = "cpu") -> torch.Tensor:
+    """One well-scaled random float32 tensor: norms near 1, weights ~ N(0, 1/fan_in), the rest small."""
+    leaf = name.rsplit(".", 1)[-1]
+    r = torch.randn(shape, generator=generator, device=device)
+    if "norm" in name or leaf == "gamma" or name.endswith("layer_norm.weight"):
+        return 1.0 + 0.1 * r
+    if len(shape) >= 2 and leaf != "modulation":
+        return r / math.sqrt(math.prod(shape[1:]))
+    return 0.1 * r
+
+
 def random_weights(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic, well-scaled random values for every tensor of a (meta) module's state dict."""
     g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in module.state_dict().items():
-        shape = tuple(t.shape)
-        leaf = name.rsplit(".", 1)[-1]
-        if "norm" in name or leaf == "gamma" or name.endswith("layer_norm.weight"):
-            v = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) >= 2 and leaf != "modulation":
-            v = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-        else:
-            v = 0.1 * torch.randn(shape, generator=g)
-        out[name] = v.contiguous()
-    return out
+    return {name: random_value(name, tuple(t.shape), g).contiguous() for name, t in module.state_dict().items()}
 
 
 def _tiny_t5_state_dict() -> dict[str, torch.Tensor]:
