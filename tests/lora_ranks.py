@@ -25,9 +25,14 @@ def main(pa: str, pb: str, out: str) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     with torch.device("meta"):
-        sd = random_state_dict(WanDiT(SMALL), seed=1)
+        meta = WanDiT(SMALL)
+    sd = random_state_dict(meta, seed=1)
     model = fresh(sd)
     apply_fsdp(model, model.blocks, flat_mesh(torch.device("cpu"), dist.get_world_size()))
+    from torch.distributed.tensor import DTensor, Shard
+
+    q = model.blocks[0].self_attn.q.weight
+    assert isinstance(q, DTensor) and tuple(q.placements) == (Shard(0),) and q.to_local().shape[0] == 256 // 2
     run(model)
     results = {}
     for name, loras in (("merged", [(pa, 0.7), (pb, -1.0)]), ("switched", [(pb, 0.25)]), ("removed", [])):

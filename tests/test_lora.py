@@ -90,8 +90,8 @@ def write(lo: dict, fmt: str, path: Path) -> Path:
     t: dict[str, torch.Tensor] = {}
     meta = None
     for m, (down, up, alpha) in lo["pairs"].items():
-        if fmt in ("official", "official_ab", "kohya"):
-            name = {"official": f"diffusion_model.{m}", "official_ab": m, "kohya": "lora_unet_" + m.replace(".", "_")}[fmt]
+        if fmt in ("official", "official_ab", "bare", "kohya"):
+            name = {"kohya": "lora_unet_" + m.replace(".", "_"), "bare": m}.get(fmt, f"diffusion_model.{m}")
             d, u = ("lora_A.weight", "lora_B.weight") if fmt == "official_ab" else ("lora_down.weight", "lora_up.weight")
             t[f"{name}.{d}"], t[f"{name}.{u}"] = down, up
             if alpha is not None:
@@ -106,7 +106,11 @@ def write(lo: dict, fmt: str, path: Path) -> Path:
                                                              "transformer.target_modules": targets})}
     for p, d in lo["diff"].items():
         module, leaf = p.rsplit(".", 1) if p.endswith((".weight", ".bias")) else (p, "weight")
-        t[f"diffusion_model.{module}.{'diff_b' if leaf == 'bias' else 'diff'}"] = d
+        if fmt in ("diffusers", "peft") and leaf == "bias" and module in lo["pairs"]:  # PEFT's lora_bias
+            t[f"{'transformer.' if fmt == 'diffusers' else 'base_model.model.'}{diffusers_name(module)}.lora_B"
+              f"{'' if fmt == 'diffusers' else '.default'}.bias"] = d
+        else:
+            t[f"diffusion_model.{module}.{'diff_b' if leaf == 'bias' else 'diff'}"] = d
     save_file(t, str(path), metadata=meta)
     return path
 
@@ -172,7 +176,7 @@ def test_keys_of_no_dit_layer_are_not_matched(key):
 # ----------------------------------------------------------------------------------------------------
 # exactness: every format, two LoRAs at once, strengths switched, one removed, all removed
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["official", "official_ab", "kohya", "diffusers", "peft"])
+@pytest.mark.parametrize("fmt", ["official", "official_ab", "bare", "kohya", "diffusers", "peft"])
 def test_two_loras_equal_an_independent_fp32_merge_and_switch_without_reload(base_sd, tmp_path, fmt):
     alpha = None if fmt == "peft" else 8.0
     a = spec(base_sd, 3, BLOCKS + TOP, rank=4, alpha=alpha)
@@ -185,7 +189,7 @@ def test_two_loras_equal_an_independent_fp32_merge_and_switch_without_reload(bas
     assert rel_err(run(model), run(reference(base_sd, [(a, 0.8), (b, -0.5)]))) < 2e-6
     ra, rb = summary.loras
     assert (ra.tensors, ra.skipped, ra.unmatched, ra.rank) == (len(BLOCKS + TOP), 0, 0, 4)
-    assert ra.format.split("/")[0] == {"official_ab": "official", "peft": "diffusers"}.get(fmt, fmt)
+    assert ra.format.split("/")[0] == {"official_ab": "official", "bare": "official", "peft": "diffusers"}.get(fmt, fmt)
     assert (rb.skipped, rb.tensors, rb.strength) == (n_i2v, 10, -0.5)
     assert (summary.changed, summary.restored) == (26 + 7, 0)  # a's 26 weights, b's 7 others (3 are shared)
     # new strengths: only the tensors whose strengths changed are re-merged, from the pristine copies
@@ -225,7 +229,7 @@ def diffusers_with_loras(sd, loras: list[tuple[Path, float]]):
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=ref)
     names = [f"l{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        pipe.load_lora_weights(str(path), adapter_name=name, low_cpu_mem_usage=False)
     pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
     return ref
 
@@ -240,15 +244,13 @@ def run_diffusers(ref) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt", ["official", "official_ab", "kohya", "diffusers"])
 def test_matches_diffusers_lora_loading(base_sd, tmp_path, fmt):
-    # what diffusers' Wan converters read: musubi needs every block's attention and FFN with alphas, and
-    # the official converter drops norm differences and ignores weight .diff, so those stay out here
-    a = spec(base_sd, 3, BLOCKS if fmt == "kohya" else BLOCKS + ["time_projection.1", "head.head"], rank=4, alpha=8.0)
-    b = spec(base_sd, 4, [m for m in BLOCKS if "ffn" in m or "self_attn" in m], rank=2, alpha=1.0,
-             biases=["blocks.0.self_attn.q.bias", "blocks.1.ffn.0.bias"])
+    # what diffusers' Wan converters read: musubi needs every block's attention and FFN with alphas; the official
+    # converter takes no alpha outside the blocks, drops norm differences and ignores weight .diff
+    a = spec(base_sd, 3, BLOCKS, rank=4, alpha=8.0)
+    b = spec(base_sd, 4, ["time_projection.1", "head.head", *(m for m in BLOCKS if "ffn" in m or "self_attn" in m)],
+             rank=2, alpha=None, biases=["blocks.0.self_attn.q.bias", "blocks.1.ffn.0.bias"])
     pa = write(a, fmt, tmp_path / "a.safetensors")
-    pb = write(b, "official" if fmt != "diffusers" else "diffusers", tmp_path / "b.safetensors")
-    if fmt == "diffusers":
-        b["diff"] = {}
+    pb = write(b, "diffusers" if fmt == "diffusers" else "official", tmp_path / "b.safetensors")
     loras = [(pa, 0.7), (pb, 1.3)]
     ours = fresh(base_sd)
     apply_loras(ours, loras)
