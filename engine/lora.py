@@ -39,6 +39,7 @@ MAX_LORA_BYTES = 8 * 2**30  # a rank-256 LoRA of every 14B Linear is ~3 GB in bf
 MAX_LORA_TENSORS = 20_000  # the 14B model has 1,095 tensors: 4 per layer covers every format
 MAX_RANK = 1024
 STRENGTH_RANGE = (-4.0, 4.0)
+KEPT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class LoraError(ModelFileError):
@@ -154,18 +155,18 @@ class LoraDelta:
 
     target: str  # official parameter name, e.g. 'blocks.0.self_attn.q.weight'
     shape: tuple[int, ...]  # the target's full shape
-    up: Tensor | None = None  # (out, rank) float32
-    down: Tensor | None = None  # (rank, in·k) float32
-    diff: Tensor | None = None  # the target's shape, float32
+    up: Tensor | None = None  # (out, rank), the file's dtype (float32, bf16 or fp16)
+    down: Tensor | None = None  # (rank, in·k)
+    diff: Tensor | None = None  # the target's shape
     scale: float = 1.0
 
     def rows(self, start: int, stop: int, device: torch.device | str = "cpu") -> Tensor:
         """Rows [start, stop) of dim 0 of the unscaled-by-strength delta, float32, in the target's shape."""
         if self.diff is not None:
-            out = self.diff[start:stop].to(device)
+            out = self.diff[start:stop].to(device, torch.float32)
         else:
-            up = self.up[start:stop].to(device)
-            out = (up @ self.down.to(device)).view(stop - start, *self.shape[1:])
+            up = self.up[start:stop].to(device, torch.float32)
+            out = (up @ self.down.to(device, torch.float32)).view(stop - start, *self.shape[1:])
         return out * self.scale if self.scale != 1.0 else out
 
 
@@ -240,7 +241,8 @@ def _tensor(sd: LazyStateDict, key: str, path: Path) -> Tensor:
     t = sd[key]
     if not t.is_floating_point():
         raise LoraError(f"{path}: tensor '{key}' has dtype {t.dtype}; LoRA tensors must be floating point")
-    t = t.to(torch.float32)
+    if t.dtype not in KEPT_DTYPES:  # fp8, fp64: float32 (bf16/fp16/fp32 are kept and upcast at merge time)
+        t = t.to(torch.float32)
     if not torch.isfinite(t).all():
         raise LoraError(f"{path}: tensor '{key}' contains NaN or infinite values")
     return t
@@ -261,23 +263,44 @@ def read_lora(path: str | Path, shapes: Mapping[str, tuple[int, ...]]) -> LoraFi
     """Read and validate a LoRA file against a model's parameter shapes (official names, full shapes)."""
     path = Path(path)
     sd, meta = _open(path)
-    keys = sorted(sd)
+    groups, usable, skipped, unmatched = _classify(sorted(sd), shapes, path)
+    alpha_meta, alpha_pattern, rslora = _peft_alpha(meta, path)
+    deltas: dict[str, LoraDelta] = {}
+    max_rank = 0
+    for module, parts in sorted(groups.items()):
+        if "down" in parts or "up" in parts:
+            info = usable[parts.get("down") or parts["up"]]
+            d = _low_rank(sd, path, module, parts, shapes, info, alpha_meta, alpha_pattern, rslora)
+            max_rank = max(max_rank, d.up.shape[1])
+            _add(deltas, d)
+            if "up_bias" in parts:  # PEFT lora_bias: scaled like the pair
+                _add(deltas, _full(sd, path, parts["up_bias"], f"{module}.bias", shapes, d.scale))
+        else:
+            for lone in ("alpha", "up_bias"):
+                if lone in parts:
+                    raise LoraError(f"{path}: '{parts[lone]}' has no lora_down/lora_up tensors beside it")
+        if "diff" in parts:
+            target = f"{module}.weight" if f"{module}.weight" in shapes else module
+            _add(deltas, _full(sd, path, parts["diff"], target, shapes, 1.0))
+        if "diff_b" in parts:
+            _add(deltas, _full(sd, path, parts["diff_b"], f"{module}.bias", shapes, 1.0))
+    fmt = Counter(i.family for i in usable.values()).most_common(1)[0][0]
+    return LoraFile(path, fmt, deltas, len(skipped), skipped[:3], unmatched, max_rank, file_key(path))
+
+
+def _classify(keys: list[str], shapes: Mapping[str, tuple[int, ...]], path: Path):
+    """(module → part → key, usable key → KeyInfo, skipped keys, unmatched keys), refusing unusable files."""
     for k in keys:
         for marker, what in _UNSUPPORTED.items():
             if marker in k:
                 raise LoraError(f"{path} is a {what} file (tensor '{k}'); only plain LoRA (lora_down/lora_up, "
                                 "lora_A/lora_B) and full differences (.diff, .diff_b) are supported")
-    parsed: dict[str, KeyInfo] = {}
-    unmatched = []
-    for k in keys:
-        info = parse_key(k)
-        if info is None:
-            unmatched.append(k)
-        else:
-            parsed[k] = info
-    num_layers = 1 + max((int(n.split(".")[1]) for n in shapes if n.startswith("blocks.")), default=-1)
-    skipped = [k for k, i in parsed.items() if is_i2v_layer(i.module) and not _present(i.module, shapes)]
-    usable = {k: i for k, i in parsed.items() if not (is_i2v_layer(i.module) and not _present(i.module, shapes))}
+    parsed = {k: parse_key(k) for k in keys}
+    unmatched = [k for k, i in parsed.items() if i is None]
+    absent = {k for k, i in parsed.items() if i and is_i2v_layer(i.module) and i.module not in shapes
+              and f"{i.module}.weight" not in shapes}
+    skipped = [k for k in keys if k in absent]
+    usable = {k: i for k, i in parsed.items() if i and k not in absent}
     if not usable:
         if skipped:
             raise WrongLoraError(f"{path} only changes layers this model lacks: its {len(skipped)} keys are all for "
@@ -285,45 +308,19 @@ def read_lora(path: str | Path, shapes: Mapping[str, tuple[int, ...]]) -> LoraFi
         examples = ", ".join(f"'{k}'" for k in keys[:3])
         raise WrongLoraError(f"{path} is not a LoRA for the Wan2.1 DiT: none of its {len(keys)} keys match a layer "
                              f"(e.g. {examples})")
+    num_layers = 1 + max((int(n.split(".")[1]) for n in shapes if n.startswith("blocks.")), default=-1)
+    groups: dict[str, dict[str, str]] = {}
     for k, i in usable.items():
         if i.module.startswith("blocks.") and int(i.module.split(".")[1]) >= num_layers:
             raise WrongLoraError(f"{path} was made for another model size: tensor '{k}' is for block "
                                  f"{i.module.split('.')[1]} but this model has {num_layers} blocks")
-    groups: dict[str, dict[str, str]] = {}
-    for k, i in usable.items():
         if i.part in groups.setdefault(i.module, {}):
             raise LoraError(f"{path}: tensors '{groups[i.module][i.part]}' and '{k}' are the same part of one layer")
         groups[i.module][i.part] = k
-    alpha_meta, alpha_pattern, rslora = _peft_alpha(meta, path)
-    deltas: dict[str, LoraDelta] = {}
-    max_rank = 0
-    for module, parts in sorted(groups.items()):
-        info = usable[next(iter(parts.values()))]
-        if "down" in parts or "up" in parts:
-            d = _low_rank(sd, path, module, parts, shapes, info, alpha_meta, alpha_pattern, rslora)
-            max_rank = max(max_rank, d.up.shape[1])
-            _add(deltas, d, path)
-            if "up_bias" in parts:  # PEFT lora_bias: scaled like the pair
-                _add(deltas, _full(sd, path, parts["up_bias"], f"{module}.bias", shapes, d.scale), path)
-        else:
-            for lone in ("alpha", "up_bias"):
-                if lone in parts:
-                    raise LoraError(f"{path}: '{parts[lone]}' has no lora_down/lora_up tensors beside it")
-        if "diff" in parts:
-            target = f"{module}.weight" if f"{module}.weight" in shapes else module
-            _add(deltas, _full(sd, path, parts["diff"], target, shapes, 1.0), path)
-        if "diff_b" in parts:
-            _add(deltas, _full(sd, path, parts["diff_b"], f"{module}.bias", shapes, 1.0), path)
-    fams = Counter(i.family for i in usable.values())
-    return LoraFile(path, fams.most_common(1)[0][0], deltas, len(skipped), skipped[:3], unmatched, max_rank,
-                    file_key(path))
+    return groups, usable, skipped, unmatched
 
 
-def _present(module: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:
-    return module in shapes or f"{module}.weight" in shapes
-
-
-def _add(deltas: dict[str, LoraDelta], d: LoraDelta, path: Path) -> None:
+def _add(deltas: dict[str, LoraDelta], d: LoraDelta) -> None:
     if d.target in deltas:  # e.g. a low-rank pair and a .diff for one weight: both are added
         prev = deltas[d.target]
         full = prev.rows(0, prev.shape[0]) + d.rows(0, d.shape[0])
@@ -426,11 +423,12 @@ def list_loras(models_dir: str | Path) -> list[str]:
 
 
 def resolve_lora(name: str, models_dir: str | Path) -> Path:
-    """A request's LoRA name → its file inside <models_dir>/loras; names that leave the folder are refused."""
-    root = lora_dir(models_dir).resolve()
-    p = (root / name).resolve()
-    if not p.is_relative_to(root) or Path(name).is_absolute():
+    """A request's LoRA name → its file inside <models_dir>/loras; absolute names and '..' are refused."""
+    root = lora_dir(models_dir)
+    parts = Path(name.replace("\\", "/")).parts
+    if not name or Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or ":" in name:
         raise RequestError("lora", f"'{name}' is not a file in {root}; pick one of the listed LoRAs")
+    p = root / name
     if not p.is_file():
         raise RequestError("lora", f"no LoRA named '{name}' in {root}")
     return p

@@ -19,7 +19,7 @@ def main(pa: str, pb: str, out: str) -> int:
     from engine.dit import WanDiT
     from parallel.fsdp import apply_fsdp, flat_mesh
     from parallel.lora import apply_loras
-    from tests.test_lora import SMALL, fresh, run
+    from tests.lora_util import SMALL, fresh, run
     from tests.weights import random_state_dict
 
     torch.set_num_threads(1)

@@ -3,8 +3,6 @@ FSDP-sharded models; outputs equal an independent float32 merge and diffusers' o
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
 
@@ -12,128 +10,34 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint import UnsafePickleError
+from engine.checkpoint import ModelNotFoundError, UnsafePickleError
 from engine.dit import WanDiT
 from engine.lora import LoraError, list_loras, parse_key, parse_lora_arg, read_lora, resolve_lora
 from engine.request import RequestError
 from parallel.lora import apply_loras, lora_state
 from tests.conftest import rel_err
-from tests.test_dit import SMALL, diffusers_model
+from tests.lora_util import (
+    BLOCKS,
+    SMALL,
+    TOP,
+    diffusers_with_loras,
+    fresh,
+    lora_b,
+    reference,
+    run,
+    run_diffusers,
+    spec,
+    with_i2v,
+    write,
+)
 from tests.weights import random_state_dict
 
-LAYERS = 2
-BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-                 "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
-BLOCKS = [f"blocks.{i}.{n}" for i in range(LAYERS) for n in BLOCK_LINEARS]
-TOP = ["text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1", "head.head"]
 
-
-# ----------------------------------------------------------------------------------------------------
-# fixtures: random base weights, LoRAs as plain official-name specs, and an independent fp32 merge
-# ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def base_sd() -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         model = WanDiT(SMALL)
     return random_state_dict(model, seed=1)
-
-
-def fresh(sd: dict[str, torch.Tensor]) -> WanDiT:
-    model = WanDiT(SMALL)
-    model.load_state_dict(sd)
-    return model.eval().requires_grad_(False)
-
-
-def run(model) -> torch.Tensor:
-    g = torch.Generator().manual_seed(5)
-    x, ctx = torch.randn(1, 16, 2, 8, 12, generator=g), torch.randn(1, 7, 64, generator=g)
-    with torch.no_grad():
-        return model(x, torch.tensor([700.0]), ctx)
-
-
-def spec(sd, seed: int, modules, rank: int = 4, alpha: float | None = 8.0, diffs=(), biases=()) -> dict:
-    """{'pairs': module → (down, up, alpha), 'diff': param → delta} in official names."""
-    g = torch.Generator().manual_seed(seed)
-    pairs = {}
-    for m in modules:
-        w = sd[f"{m}.weight"]
-        down = torch.randn(rank, *w.shape[1:], generator=g) / math.sqrt(math.prod(w.shape[1:]))
-        up = torch.randn(w.shape[0], rank, *[1] * (w.dim() - 2), generator=g) * 0.3
-        pairs[m] = (down, up, alpha)
-    diff = {p: 0.05 * torch.randn(sd[p].shape, generator=g) for p in (*diffs, *biases)}
-    return {"pairs": pairs, "diff": diff}
-
-
-def reference(sd, loras: list[tuple[dict, float]]) -> WanDiT:
-    """The merged checkpoint, computed directly in float32: W + s·(alpha/rank)·up@down, W + s·diff."""
-    out = {k: v.clone() for k, v in sd.items()}
-    for lo, s in loras:
-        for m, (down, up, alpha) in lo["pairs"].items():
-            w = out[f"{m}.weight"]
-            scale = 1.0 if alpha is None else alpha / down.shape[0]
-            w += s * scale * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(w.shape)
-        for p, d in lo["diff"].items():
-            out[p] += s * d
-    return fresh(out)
-
-
-def diffusers_name(module: str) -> str:
-    """The diffusers module name, from diffusers' own official→diffusers converter."""
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
-    (key,) = convert_wan_transformer_to_diffusers({f"{module}.weight": torch.zeros(1)})
-    return key.removesuffix(".weight")
-
-
-def write(lo: dict, fmt: str, path: Path) -> Path:
-    """Write a spec in one of the file formats users bring."""
-    t: dict[str, torch.Tensor] = {}
-    meta = None
-    for m, (down, up, alpha) in lo["pairs"].items():
-        if fmt in ("official", "official_ab", "bare", "kohya"):
-            name = {"kohya": "lora_unet_" + m.replace(".", "_"), "bare": m}.get(fmt, f"diffusion_model.{m}")
-            d, u = ("lora_A.weight", "lora_B.weight") if fmt == "official_ab" else ("lora_down.weight", "lora_up.weight")
-            t[f"{name}.{d}"], t[f"{name}.{u}"] = down, up
-            if alpha is not None:
-                t[f"{name}.alpha"] = torch.tensor(alpha)
-        else:  # diffusers names; alpha through diffusers' adapter metadata; peft: base_model.model. and .default
-            name = diffusers_name(m)
-            pre, mid = ("transformer.", "") if fmt == "diffusers" else ("base_model.model.", ".default")
-            t[f"{pre}{name}.lora_A{mid}.weight"], t[f"{pre}{name}.lora_B{mid}.weight"] = down, up
-            if alpha is not None:
-                targets = sorted({diffusers_name(k) for k in lo["pairs"]})
-                meta = {"lora_adapter_metadata": json.dumps({"transformer.r": down.shape[0], "transformer.lora_alpha": alpha,
-                                                             "transformer.target_modules": targets})}
-    for p, d in lo["diff"].items():
-        module, leaf = p.rsplit(".", 1) if p.endswith((".weight", ".bias")) else (p, "weight")
-        if fmt in ("diffusers", "peft") and leaf == "bias" and module in lo["pairs"]:  # PEFT's lora_bias
-            t[f"{'transformer.' if fmt == 'diffusers' else 'base_model.model.'}{diffusers_name(module)}.lora_B"
-              f"{'' if fmt == 'diffusers' else '.default'}.bias"] = d
-        else:
-            t[f"diffusion_model.{module}.{'diff_b' if leaf == 'bias' else 'diff'}"] = d
-    save_file(t, str(path), metadata=meta)
-    return path
-
-
-def lora_b(sd) -> dict:
-    """The second LoRA of the tests: a few pairs (a Conv3d too), full differences of norms, modulation, biases."""
-    return spec(sd, 9, ["blocks.0.self_attn.q", "blocks.1.ffn.2", "patch_embedding", "head.head"], rank=3, alpha=None,
-                diffs=["blocks.0.norm3.weight", "blocks.1.self_attn.norm_q.weight", "blocks.0.modulation", "head.modulation"],
-                biases=["blocks.0.self_attn.q.bias", "blocks.1.ffn.0.bias"])
-
-
-def with_i2v(path: Path, n_blocks: int = LAYERS) -> int:
-    """Add an I2V LoRA's image-branch keys (k_img/v_img pairs with alpha) to a file; returns how many."""
-    from safetensors.torch import load_file
-
-    t = load_file(str(path))
-    for i in range(n_blocks):
-        for o in ("k_img", "v_img"):
-            t[f"diffusion_model.blocks.{i}.cross_attn.{o}.lora_down.weight"] = torch.ones(2, 256)
-            t[f"diffusion_model.blocks.{i}.cross_attn.{o}.lora_up.weight"] = torch.ones(256, 2)
-            t[f"diffusion_model.blocks.{i}.cross_attn.{o}.alpha"] = torch.tensor(2.0)
-    save_file(t, str(path))
-    return 6 * n_blocks
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,27 +125,6 @@ def test_a_bad_file_leaves_the_previous_set_in_place(base_sd, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # parity with diffusers' own LoRA loading (WanPipeline.load_lora_weights + set_adapters)
 # ----------------------------------------------------------------------------------------------------
-def diffusers_with_loras(sd, loras: list[tuple[Path, float]]):
-    pytest.importorskip("peft")
-    from diffusers import WanPipeline
-
-    ref = diffusers_model(SMALL, sd)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=ref)
-    names = [f"l{i}" for i in range(len(loras))]
-    for name, (path, _) in zip(names, loras):
-        pipe.load_lora_weights(str(path), adapter_name=name, low_cpu_mem_usage=False)
-    pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
-    return ref
-
-
-def run_diffusers(ref) -> torch.Tensor:
-    g = torch.Generator().manual_seed(5)
-    x, ctx = torch.randn(1, 16, 2, 8, 12, generator=g), torch.randn(1, 7, 64, generator=g)
-    ctx = torch.nn.functional.pad(ctx, (0, 0, 0, 512 - 7))
-    with torch.no_grad():
-        return ref(x, torch.tensor([700.0]), ctx, return_dict=False)[0]
-
-
 @pytest.mark.parametrize("fmt", ["official", "official_ab", "kohya", "diffusers"])
 def test_matches_diffusers_lora_loading(base_sd, tmp_path, fmt):
     # what diffusers' Wan converters read: musubi needs every block's attention and FFN with alphas; the official
@@ -366,6 +249,9 @@ def test_size_and_count_limits_and_suffix(base_sd, tmp_path, monkeypatch):
     with pytest.raises(LoraError) as e:
         read_lora(p, shapes(base_sd))
     assert str(e.value) == f"{p} has 6 tensors; at most 3 are allowed in a LoRA"
+    with pytest.raises(ModelNotFoundError) as e:
+        read_lora(tmp_path / "none.safetensors", shapes(base_sd))
+    assert str(e.value) == f"LoRA file not found: {tmp_path / 'none.safetensors'}"
     txt = tmp_path / "a.txt"
     txt.write_text("x")
     with pytest.raises(LoraError) as e:
@@ -426,9 +312,9 @@ def test_list_and_resolve_loras(tmp_path):
     for name in ("b.safetensors", "a.safetensors", "sub/c.safetensors", "notes.txt"):
         (tmp_path / "loras" / name).write_bytes(b"x")
     assert list_loras(tmp_path) == ["a.safetensors", "b.safetensors", "sub/c.safetensors"]
-    assert resolve_lora("sub/c.safetensors", tmp_path) == (tmp_path / "loras" / "sub" / "c.safetensors").resolve()
-    root = (tmp_path / "loras").resolve()
-    for bad in ("../x.safetensors", "/etc/passwd"):
+    assert resolve_lora("sub/c.safetensors", tmp_path) == tmp_path / "loras" / "sub" / "c.safetensors"
+    root = tmp_path / "loras"
+    for bad in ("../x.safetensors", "/etc/passwd", "sub/../../x.safetensors", "C:\\x.safetensors", ""):
         with pytest.raises(RequestError) as e:
             resolve_lora(bad, tmp_path)
         assert str(e.value) == f"lora: '{bad}' is not a file in {root}; pick one of the listed LoRAs"
@@ -492,6 +378,8 @@ def test_one_rank_fsdp_mesh_merges_into_the_shards(base_sd, tmp_path):
 
     a, b = spec(base_sd, 3, BLOCKS + TOP), lora_b(base_sd)
     pa, pb = write(a, "diffusers", tmp_path / "a.safetensors"), write(b, "official", tmp_path / "b.safetensors")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         model = _fsdp_model(base_sd, flat_mesh(torch.device("cpu"), 1))
