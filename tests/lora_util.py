@@ -99,9 +99,11 @@ def write(lo: dict, fmt: str, path: Path) -> Path:
 
 
 def lora_b(sd) -> dict:
-    """The second LoRA of the tests: a few pairs (a Conv3d too), full differences of norms, modulation, biases."""
+    """The second LoRA of the tests: a few pairs (a Conv3d too), full differences of norms, modulation, biases,
+    and of a weight that also has a low-rank pair (head.head)."""
     return spec(sd, 9, ["blocks.0.self_attn.q", "blocks.1.ffn.2", "patch_embedding", "head.head"], rank=3, alpha=None,
-                diffs=["blocks.0.norm3.weight", "blocks.1.self_attn.norm_q.weight", "blocks.0.modulation", "head.modulation"],
+                diffs=["blocks.0.norm3.weight", "blocks.1.self_attn.norm_q.weight", "blocks.0.modulation", "head.modulation",
+                       "head.head.weight"],
                 biases=["blocks.0.self_attn.q.bias", "blocks.1.ffn.0.bias"])
 
 

@@ -109,6 +109,33 @@ def test_two_loras_equal_an_independent_fp32_merge_and_switch_without_reload(bas
     assert not lora_state(model).originals
 
 
+def test_bf16_weights_are_merged_in_fp32_then_cast(base_sd, tmp_path):
+    a = spec(base_sd, 3, ["blocks.0.ffn.0"], rank=8, alpha=4.0)
+    p = write(a, "official", tmp_path / "a.safetensors")
+    model = fresh(base_sd).to(torch.bfloat16)
+    w0 = model.blocks[0].ffn[0].weight.detach().clone()
+    apply_loras(model, [(p, 0.75)])
+    down, up, alpha = a["pairs"]["blocks.0.ffn.0"]
+    want = (w0.float() + 0.75 * (alpha / 8) * (up @ down)).to(torch.bfloat16)
+    assert torch.equal(model.blocks[0].ffn[0].weight, want)
+    apply_loras(model, [])
+    assert torch.equal(model.blocks[0].ffn[0].weight, w0)
+
+
+def test_keys_of_no_layer_beside_good_ones_are_counted(base_sd, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    p = write(spec(base_sd, 3, BLOCKS[:2]), "official", tmp_path / "a.safetensors")
+    t = load_file(str(p))
+    t["lora_te_text_model_encoder_layers_0_q.lora_down.weight"] = torch.ones(2, 8)
+    save_file(t, str(p))
+    with caplog.at_level("WARNING", logger="wan.lora"):
+        summary = apply_loras(fresh(base_sd), [(p, 1.0)])
+    assert (summary.loras[0].unmatched, summary.loras[0].tensors) == (1, 2)
+    assert f"LoRA {p}: 1 keys name no layer of the Wan2.1 DiT and are ignored (e.g. " \
+           "lora_te_text_model_encoder_layers_0_q.lora_down.weight)" in caplog.text
+
+
 def test_a_bad_file_leaves_the_previous_set_in_place(base_sd, tmp_path):
     a = write(spec(base_sd, 3, BLOCKS), "official", tmp_path / "a.safetensors")
     bad = tmp_path / "bad.safetensors"
@@ -362,18 +389,10 @@ def test_compiled_blocks_do_not_recompile_when_loras_or_strengths_change(base_sd
     assert compiled >= 1 and frames["ok"] == compiled, "a LoRA change recompiled a block"
 
 
-def _fsdp_model(sd, mesh) -> WanDiT:
-    from parallel.fsdp import apply_fsdp
-
-    model = fresh(sd)
-    apply_fsdp(model, model.blocks, mesh)
-    return model
-
-
-def test_one_rank_fsdp_mesh_merges_into_the_shards(base_sd, tmp_path):
+def test_one_rank_fsdp_mesh_merges_into_the_shards_also_cpu_offloaded_ones(base_sd, tmp_path):
     import torch.distributed as dist
 
-    from parallel.fsdp import flat_mesh
+    from parallel.fsdp import apply_fsdp, flat_mesh
     from tests.multirank import free_port
 
     a, b = spec(base_sd, 3, BLOCKS + TOP), lora_b(base_sd)
@@ -382,7 +401,8 @@ def test_one_rank_fsdp_mesh_merges_into_the_shards(base_sd, tmp_path):
         pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        model = _fsdp_model(base_sd, flat_mesh(torch.device("cpu"), 1))
+        model = fresh(base_sd)
+        apply_fsdp(model, model.blocks, flat_mesh(torch.device("cpu"), 1), offload=[model.blocks[1]])
         run(model)
         apply_loras(model, [(pa, 0.6), (pb, 1.5)])
         assert rel_err(run(model), run(reference(base_sd, [(a, 0.6), (b, 1.5)]))) < 2e-6
