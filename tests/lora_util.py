@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -123,7 +122,7 @@ def with_i2v(path: Path, n_blocks: int = LAYERS) -> int:
 
 
 def diffusers_with_loras(sd, loras: list[tuple[Path, float]]):
-    pytest.importorskip("peft")
+    import peft  # noqa: F401 - diffusers' LoRA loading needs it (requirements-test.txt)
     from diffusers import WanPipeline
 
     ref = diffusers_model(SMALL, sd)

@@ -12,7 +12,7 @@ import torch
 
 from engine.config import DIT_CONFIGS
 from parallel.layout import valid_layouts
-from tests.multirank import ROOT, free_port, gang_env
+from tests.multirank import ROOT, gang_env
 
 TINY_SIZES = ["--check_size", "64*64", "--check_frames", "5", "--check_steps", "2",
               "--forward_size", "64*64", "--forward_frames", "5", "--forward_runs", "1", "--forward_warmup", "0",
@@ -26,8 +26,8 @@ def test_two_gloo_ranks_write_every_measurement(tiny_model_dir, tmp_path):
     from engine.memory_estimate import estimate, inputs_from_dict
 
     out, raw = tmp_path / "multigpu_2gpu.json", tmp_path / "raw" / "multigpu_2gpu.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max_restarts=0",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", str(ROOT / "benchmarks" / "bench_multigpu.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=0",
+           str(ROOT / "benchmarks" / "bench_multigpu.py"),
            "--model", "tiny", "--weights_dir", str(tmp_path / "models"), "--no_compile", "--out", str(out),
            "--raw", str(raw), *TINY_SIZES]
     proc = subprocess.run(cmd, cwd=ROOT, env=gang_env(tiny_model_dir), capture_output=True, text=True, timeout=300)

@@ -393,13 +393,11 @@ def test_one_rank_fsdp_mesh_merges_into_the_shards_also_cpu_offloaded_ones(base_
     import torch.distributed as dist
 
     from parallel.fsdp import apply_fsdp, flat_mesh
-    from tests.multirank import free_port
 
     a, b = spec(base_sd, 3, BLOCKS + TOP), lora_b(base_sd)
     pa, pb = write(a, "diffusers", tmp_path / "a.safetensors"), write(b, "official", tmp_path / "b.safetensors")
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    assert not dist.is_initialized(), "an earlier test left a process group initialised in this process"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         model = fresh(base_sd)
         apply_fsdp(model, model.blocks, flat_mesh(torch.device("cpu"), 1), offload=[model.blocks[1]])
@@ -416,13 +414,13 @@ def test_one_rank_fsdp_mesh_merges_into_the_shards_also_cpu_offloaded_ones(base_
 def test_two_rank_fsdp_gang_merges_each_ranks_rows(base_sd, tmp_path):
     import subprocess
 
-    from tests.multirank import ROOT, free_port, gang_env
+    from tests.multirank import ROOT, gang_env
 
     a, b = spec(base_sd, 3, BLOCKS + TOP), lora_b(base_sd)
     pa, pb = write(a, "official", tmp_path / "a.safetensors"), write(b, "kohya", tmp_path / "b.safetensors")
     out = tmp_path / "out.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max_restarts=0", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint=127.0.0.1:{free_port()}", str(ROOT / "tests" / "lora_ranks.py"), str(pa), str(pb), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=0",
+           str(ROOT / "tests" / "lora_ranks.py"), str(pa), str(pb), str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=gang_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = torch.load(str(out), weights_only=True)
