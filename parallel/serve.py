@@ -103,10 +103,12 @@ def memory_report(rt: Runtime) -> dict[str, Any]:
         used = torch.cuda.memory_allocated(d) / 2**30
         free, total_b = torch.cuda.mem_get_info(d)
         total, free = total_b / 2**30, free / 2**30
+        cached = (torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)) / 2**30  # ours to reuse
     else:
-        name, used, total, free = "cpu", 0.0, 0.0, 0.0
+        name, used, total, free, cached = "cpu", 0.0, 0.0, 0.0, 0.0
     return {"rank": rt.rank, "device": f"{d} ({name})", "in_use_gib": round(used, 3),
-            "peak_gib": round(peak_memory_gib(d), 3), "total_gib": round(total, 1), "free_gib": round(free, 3)}
+            "peak_gib": round(peak_memory_gib(d), 3), "total_gib": round(total, 1), "free_gib": round(free, 3),
+            "available_gib": round(free + cached, 3)}
 
 
 class Server:
@@ -350,6 +352,10 @@ class Dispatcher:
         faults.check_fault(fault)
         with self._lock:
             self._check_alive()
+            if self.server.rt.device.type == "cuda":  # admission control: before any rank starts
+                from parallel.admission import check_fits
+
+                check_fits(self.server, req, self.server.last_memory or self._probe_ranks())
             self.busy = True
             self.cancel_event.clear()
             self._next_id += 1
