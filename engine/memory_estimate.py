@@ -352,9 +352,13 @@ class Fit:
     sentence: str
 
 
-def _need(inp: EstimateInputs, cal: Calibration, loaded: bool) -> int:
+def _need(inp: EstimateInputs, cal: Calibration, loaded: bool, resident: int | None = None) -> int:
+    """Bytes needed: in all, or (loaded) beyond the weights loaded now (`resident`: those of the running
+    mode, when the estimate is of another mode whose weights would replace them)."""
     e = estimate(inp, cal)
-    return e.total - e.resident - int(cal.CUDA_CONTEXT_BYTES) if loaded else e.total
+    if not loaded:
+        return e.total
+    return e.total - (e.resident if resident is None else resident) - int(cal.CUDA_CONTEXT_BYTES)
 
 
 def _with(inp: EstimateInputs, **request) -> EstimateInputs:
@@ -376,7 +380,8 @@ def what_fits(inp: EstimateInputs, free_bytes: int, rank: int = 0, cal: Calibrat
     if m.offload_percent < 1.0:
         tries.append((layers, 1.0))
     for k, p in tries:
-        n = _need(replace(inp, mode=replace(m, blocks_to_swap=k, offload_percent=p)), cal, loaded)
+        n = _need(replace(inp, mode=replace(m, blocks_to_swap=k, offload_percent=p)), cal, loaded,
+                  estimate(inp, cal).resident if loaded else None)
         if n <= free_bytes or (k, p) == tries[-1]:
             swap = {"blocks_to_swap": k, "offload_percent": p, "saves_bytes": need - n, "fits": n <= free_bytes}
             break
