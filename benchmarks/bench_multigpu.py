@@ -250,10 +250,7 @@ def rebuild(server, argv: list[str]):
     if cfg.world_size is not None and cfg.world_size != rt.world_size:
         return None
     if cfg.preset == "auto":
-        try:
-            from parallel.serve import resolve_auto  # what start_server does for --preset auto
-        except ImportError:
-            return None
+        from parallel.startup import resolve_auto  # what start_server does for --preset auto
     meshes, backend, compiled = server.state.meshes, server.state.sp_backend, server.cfg.compile
     server.pipe = server.state = None
     gc.collect()
