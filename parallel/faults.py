@@ -97,6 +97,7 @@ class FaultWatch:
         self._lock = threading.Lock()
         self._request: int | None = None
         self._seen: float | None = None
+        self.fault: tuple[int, int, str] | None = None  # the failure posted for the running request, once seen
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         if board.store is not None:
@@ -105,12 +106,12 @@ class FaultWatch:
 
     def begin(self, request_id: int) -> None:
         with self._lock:
-            self._request, self._seen = request_id, None
+            self._request, self._seen, self.fault = request_id, None, None
         self._wake.set()
 
     def end(self) -> None:
         with self._lock:
-            self._request, self._seen = None, None
+            self._request, self._seen, self.fault = None, None, None
 
     def _run(self) -> None:
         while True:
@@ -131,7 +132,7 @@ class FaultWatch:
                 if self._request != req:
                     continue
                 if self._seen is None:
-                    self._seen = time.monotonic()
+                    self._seen, self.fault = time.monotonic(), fault
                     log.info("rank %d posted a failure of request %d at step %d: %s", fault[0], req, fault[1], fault[2])
                     continue
                 stuck = time.monotonic() - self._seen >= self.grace

@@ -65,6 +65,12 @@ class HealthCheck:
                     threading.Thread(target=run_probe, args=(probe,), name="wan-health-probe", daemon=True).start()
                 elif probe is None or probe["done"].is_set():
                     probe = None  # a request (or a memory report) holds the gang
+        posted = self.d.server.watch.fault
+        if probe is None and posted is not None:  # a rank failed inside the running request
+            report.update(status="failing", request_running=True, ranks=self.d.server.last_memory,
+                          reason=f"rank {posted[0]} failed at step {posted[1]}: {posted[2]}; the request is ending")
+            report["check_s"] = round(time.monotonic() - t0, 4)
+            return report
         if probe is None:
             report.update(healthy=beat_ok, status="busy" if beat_ok else "unhealthy",
                           request_running=bool(self.d.busy), ranks=self.d.server.last_memory,

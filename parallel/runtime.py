@@ -185,6 +185,7 @@ class Heartbeat:
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
         self.last_ok = time.time()
         self.healthy = True
+        self.on_lost: Any = None  # set by the server: called with a reason before the process exits
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wan-heartbeat", daemon=True)
         self._thread.start()
@@ -202,6 +203,8 @@ class Heartbeat:
                     return
                 log.error("rank %d (node %d, %s) lost contact with the gang: %s; exiting so that torchrun can "
                           "restart it", self.rt.rank, self.rt.node, self.rt.host, picklable(exc))
+                if self.on_lost is not None:  # the server answers its client first, then exits
+                    self.on_lost(f"a rank of the gang stopped answering the heartbeat ({picklable(exc)})")
                 exit_process(1)
             if beat.item() > 0:  # some rank is shutting down: every thread leaves on this same beat
                 return

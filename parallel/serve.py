@@ -15,6 +15,7 @@ import gc
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -120,6 +121,8 @@ class Server:
         self.failed: str | None = None  # set when the gang is ending after a failure (torchrun restarts it)
         self.board = faults.FaultBoard(faults.default_store() if rt.distributed else None)
         self.watch = faults.FaultWatch(self.board, cfg.fault_grace, self._stuck)
+        if rt.heartbeat is not None:
+            rt.heartbeat.on_lost = self._lost
         self.dispatcher = Dispatcher(self) if rt.rank == 0 else None
         self._closed = False
 
@@ -165,7 +168,8 @@ class Server:
     def _report(self, exc: Exception, hook: StepAgreement, req: GenerationRequest, request_id: int) -> Exception:
         """A local failure: post it on the fault board, then agree; returns the exception to raise."""
         message = faults.describe(exc, req)
-        log.error("rank %d: %s at step %d", self.rt.rank, message, max(0, hook.step), exc_info=exc)
+        trace = "".join(traceback.format_exception(exc)).rstrip()  # text: a log record must not keep the frames
+        log.error("rank %d: %s at step %d\n%s", self.rt.rank, message, max(0, hook.step), trace)
         self.board.post(request_id, self.rt.rank, max(0, hook.step), message)
         try:
             hook.fail(message)
@@ -201,7 +205,12 @@ class Server:
         self._end_gang(f"{failure}; rank {self.rt.rank} is still inside the request {self.cfg.fault_grace:g} s later "
                        "(waiting in a collective for the failed rank)", failure)
 
-    def _end_gang(self, why: str, failure: RankFailed | None = None) -> None:
+    def _lost(self, why: str) -> None:
+        """The heartbeat lost a rank: a running request's client gets the reason before the gang exits."""
+        if self.dispatcher is not None and self.dispatcher.busy:
+            self._end_gang(why, RuntimeError(f"the request was interrupted: {why}; the server is restarting"))
+
+    def _end_gang(self, why: str, failure: Exception | None = None) -> None:
         """Answer the client (rank 0), abort the communicators and exit so that torchrun restarts the gang."""
         self.failed = str(failure) if failure is not None else why
         self.rt.exiting = True  # the heartbeat must not exit first (rank 0 still answers the client)

@@ -253,3 +253,27 @@ def test_fault_specs_are_checked():
     with pytest.raises(ValueError, match="fault 'where' must be one of step, attention, block, vae, oom, cuda_error"):
         faults.check_fault({"where": "everywhere"})
     assert faults.check_fault(None) is None
+
+
+def test_a_failed_request_frees_its_activations_and_per_request_state_before_the_error_is_raised(tiny_model_dir):
+    import weakref
+
+    from engine.request import GenerationRequest
+    from parallel.serve import RankFailed
+    from tests.conftest import production_server
+
+    server = production_server(tiny_model_dir, blocks_to_swap=1)
+    seen: list = []
+    hook = server.pipe.dit.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
+    req = GenerationRequest(prompt="a fox", width=208, height=144, frame_num=9, sample_steps=4, base_seed=1, teacache=0.3)
+    with pytest.raises(RankFailed) as err:
+        server.execute(req, {"decode": False, "fault": {"rank": 0, "where": "block", "block": 2, "step": 3}})  # the last step: always computed
+    assert str(err.value) == "rank 0 failed at step 3: InjectedFault: injected fault in block on rank 0 at step 3"
+    assert err.value.__context__ is None and err.value.__cause__ is None  # no traceback holding the forward's frames
+    assert seen and all(ref() is None for ref in seen), "activations of the failed request are still referenced"
+    streamer = server.pipe.dit.block_runner.inner.streamer  # TeaCache wraps the streaming runner
+    assert not streamer.resident and not streamer.pending
+    assert server.pipe.cache is not None and not server.pipe.cache._state  # TeaCache residuals dropped
+    assert not server.pipe.dit._rope_cache  # the size caches too, after a failure
+    hook.remove()
+    assert server.execute(req, {"decode": False}).latents.isfinite().all()
