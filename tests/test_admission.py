@@ -51,3 +51,15 @@ def test_the_estimate_sees_the_servers_memory_mode_and_layout():
     inp = estimate_inputs(fake_server(blocks_to_swap=10, offload_percent=0.5, t5_cpu=True, vae_tiling=True), req)
     assert (inp.mode.blocks_to_swap, inp.mode.offload_percent, inp.mode.t5, inp.mode.vae_tiling) == (10, 0.5, "cpu", True)
     assert (inp.layout.ulysses, inp.layout.ring, inp.request.cfg, inp.mode.vae_parts) == (2, 1, False, 2)
+
+
+def test_the_estimate_reads_a_real_servers_model_text_encoder_and_mode(tiny_model_dir):
+    from tests.conftest import production_server
+
+    server = production_server(tiny_model_dir, blocks_to_swap=1)
+    req = GenerationRequest(prompt="x", width=208, height=144, frame_num=9)
+    inp = estimate_inputs(server, req)
+    assert inp.model == server.pipe.dit.cfg and inp.mode.blocks_to_swap == 1
+    assert inp.t5 == {"vocab_size": 2048, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4}
+    server.rt.device = torch.device("cuda", 0)  # as on a GPU: the check runs (with room to spare)
+    check_fits(server, req, [{"rank": 0, "available_gib": 50.0}])
