@@ -37,10 +37,13 @@ def check_fits(server, req: GenerationRequest, memory: list[dict[str, Any]]) -> 
     """Raise RequestError("size", what would fit) when `req` cannot fit on the fullest rank (CUDA only)."""
     if server.rt.device.type != "cuda" or not memory:
         return
-    avail = [(m.get("available_gib", m.get("free_gib", 0.0)), m["rank"]) for m in memory]
-    free_gib, rank = min(avail)
-    inp = estimate_inputs(server, req)
-    fit = what_fits(inp, int(free_gib * GIB), rank=rank, loaded=True)
+    try:
+        avail = [(m.get("available_gib", m.get("free_gib", 0.0)), m["rank"]) for m in memory]
+        free_gib, rank = min(avail)
+        fit = what_fits(estimate_inputs(server, req), int(free_gib * GIB), rank=rank, loaded=True)
+    except Exception as exc:  # noqa: BLE001 - the estimate advises; a fault in it must never stop serving
+        log.warning("admission control could not estimate the request (%s: %s); admitting it", type(exc).__name__, exc)
+        return
     if not fit.fits:
         log.warning("refused before start: %s", fit.sentence)
         raise RequestError("size", fit.sentence)

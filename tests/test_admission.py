@@ -63,3 +63,11 @@ def test_the_estimate_reads_a_real_servers_model_text_encoder_and_mode(tiny_mode
     assert inp.t5 == {"vocab_size": 2048, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4}
     server.rt.device = torch.device("cuda", 0)  # as on a GPU: the check runs (with room to spare)
     check_fits(server, req, [{"rank": 0, "available_gib": 50.0}])
+
+
+def test_a_fault_in_the_estimate_admits_the_request_with_a_warning(caplog):
+    server = fake_server()
+    server.pipe.dit.cfg = None  # an estimate that cannot run
+    req = GenerationRequest(prompt="x", width=1280, height=720, frame_num=241, batch_size=8)
+    check_fits(server, req, MEMORY)
+    assert "admission control could not estimate the request (AttributeError" in caplog.text
