@@ -99,7 +99,7 @@ def test_swap_and_offload_with_fsdp_ulysses2_ring2_leave_latents_unchanged(tiny_
     off, log = run_gang(4, argv + ["--blocks_to_swap", "1", "--offload_percent", "0.5"],
                         [{"raw": raw, "save_latents": str(tmp_path / "b.st"), "decode": False}], tmp_path / "b", tiny_model_dir)
     assert plain[0]["ok"] and off[0]["ok"]
-    assert "offload under FSDP: 1 blocks" in log
+    assert "offload under FSDP: 2 whole blocks (1 swapped + offload_percent 0.5 of the others)" in log
     assert torch.equal(latents(tmp_path / "a.st"), latents(tmp_path / "b.st"))
 
 

@@ -67,6 +67,9 @@ def _worker(rank: int, world: int, init: str, vae_path: str, latents: torch.Tens
     if rank == 0:
         torch.save({"untiled": untiled, "tiled": result.video, "calls": counts}, out_path)
     dist.destroy_process_group()
+    from parallel.runtime import exit_process
+
+    exit_process(0)  # as every rank of the server does: gloo's threads can abort at interpreter teardown
 
 
 @pytest.fixture(scope="module")
