@@ -22,6 +22,7 @@ from typing import Any
 import gradio as gr
 
 from engine.cli import ATTENTION_BACKENDS, RunConfig
+from engine.lora import STRENGTH_RANGE, list_loras
 from engine.pipeline import Cancelled
 from engine.request import MAX_BATCH, MAX_FRAMES, MAX_PROMPT_CHARS, MAX_STEPS, RequestError
 from engine.tiny import RANDOM_WEIGHTS_NOTICE
@@ -39,6 +40,7 @@ NO_PRESET = "(start-up settings)"
 REQUEST_KEYS = ("negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
                 "sample_solver", "base_seed", "batch_size", "teacache")
 LAYOUT_KEYS = ("ulysses_size", "ring_size", "cfg_size")
+LORA_SLOTS = 4  # strength sliders on the page (a request takes at most engine.request.MAX_LORAS)
 
 
 # -- form inputs that leave every check to dispatcher.validate ----------------------------------------------
@@ -77,6 +79,20 @@ def parse_layout(value: Any, options: dict[str, tuple[int, int, int]]) -> tuple[
     if not isinstance(value, str) or value not in options:
         raise RequestError("layout", f"must be one of: {'; '.join(options)}; got {str(value)[:60]!r}")
     return options[value]
+
+
+def chosen_loras(names: list[str] | None, *strengths: float) -> list[dict] | None:
+    """The page's LoRA picks as the request's `loras` ([{name, strength}]); None (the server's default) when unset."""
+    if names is None:
+        return None
+    return [{"name": n, "strength": strengths[i] if i < len(strengths) else 1.0} for i, n in enumerate(names)]
+
+
+def lora_slots(names: list[str] | None) -> list:
+    """One visible, labelled strength slider per chosen LoRA; the rest hidden."""
+    names = list(names or [])
+    return [gr.update(visible=i < len(names), label=f"Strength of {names[i]}" if i < len(names) else "Strength")
+            for i in range(LORA_SLOTS)]
 
 
 def fmt_seconds(s: float) -> str:
@@ -218,25 +234,25 @@ class Controller:
 
     # -- request ------------------------------------------------------------------------------------------
     def raw_request(self, prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale, sample_shift,
-                    base_seed, sample_solver, batch_size, layout, teacache) -> dict:
+                    base_seed, sample_solver, batch_size, layout, teacache, loras=None) -> dict:
         """The form's values as a raw request, checked by dispatcher.validate (gr.Error naming the field)."""
         try:
             u, r, c = parse_layout(layout if layout is not None else self.default_layout, self.layouts)
             raw = {"prompt": prompt, "negative_prompt": negative_prompt, "size": size, "frame_num": frame_num,
                    "sample_steps": sample_steps, "sample_guide_scale": sample_guide_scale, "sample_shift": sample_shift,
                    "sample_solver": sample_solver, "base_seed": base_seed, "batch_size": batch_size,
-                   "teacache": teacache, "ulysses_size": u, "ring_size": r, "cfg_size": c}
+                   "teacache": teacache, "ulysses_size": u, "ring_size": r, "cfg_size": c, "loras": loras}
             raw["sample_steps"] = self.dispatcher.validate(raw).sample_steps  # null → the default, for the progress bar
         except RequestError as exc:
             raise field_error(exc) from None
         return raw
 
     def generate(self, prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale, sample_shift,
-                 base_seed, sample_solver, batch_size, layout, teacache, request: gr.Request,
+                 base_seed, sample_solver, batch_size, layout, teacache, request: gr.Request, loras=None,
                  progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress tracker
         """Generate video(s) from a text prompt; returns the mp4 first, then files, seed used, metadata, status."""
         raw = self.raw_request(prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale,
-                               sample_shift, base_seed, sample_solver, batch_size, layout, teacache)
+                               sample_shift, base_seed, sample_solver, batch_size, layout, teacache, loras)
         session = getattr(request, "session_hash", None) or "anonymous"
         skip = gr.skip()
         with self._lock:
@@ -432,6 +448,17 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
                         teacache = gr.Slider(0, 1, value=d["teacache"], step=0.01, label="TeaCache threshold",
                                           elem_id="teacache", info="0 = off; higher skips more steps")
                     preset_note = gr.Markdown(elem_id="preset-note")
+                with gr.Accordion("LoRAs", open=False):
+                    available = list_loras(cfg.model_dir)
+                    lora_names = gr.Dropdown(available, value=None, multiselect=True, max_choices=LORA_SLOTS,
+                                             label="LoRAs", elem_id="lora-names",
+                                             info=f"files in {Path(cfg.model_dir) / 'loras'}; none chosen: "
+                                                  "the start-up --lora set")
+                    with gr.Row():
+                        lora_strengths = [gr.Slider(*STRENGTH_RANGE, value=1.0, step=0.05, label="Strength",
+                                                    visible=False, elem_id=f"lora-strength-{i}")
+                                          for i in range(LORA_SLOTS)]
+                    loras = gr.JSON(None, visible=False, label="loras")
                     gr.Markdown("Start-up settings (read-only here; the note under each says how to change it):")
                     with gr.Row():
                         for label, value, how in start_up_rows(server):
@@ -456,7 +483,7 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
             with gr.Tab("Cluster", elem_id="cluster-tab"):
                 cluster = gr.HTML(cluster_html(server), elem_id="cluster")
 
-        form = [prompt, negative, size, frames, steps, guide, shift, seed, solver, batch, layout, teacache]
+        form = [prompt, negative, size, frames, steps, guide, shift, seed, solver, batch, layout, teacache, loras]
         for component in form:
             server_checked(component)
         private = {"queue": False, "api_visibility": "private"}
@@ -467,6 +494,9 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
         gen.then(lambda: gr.update(interactive=False), None, stop, **private).then(
             ctl.panels, None, [history, history_paths, cluster], **private)
         stop.click(ctl.cancel, None, None, **private)
+        lora_names.change(lora_slots, lora_names, lora_strengths, **private)
+        for trigger in (lora_names, *lora_strengths):
+            trigger.change(chosen_loras, [lora_names, *lora_strengths], loras, **private)
         random_seed.click(lambda: -1, None, seed, **private)
         reuse_seed.click(lambda s: int(s) if s and s.isdigit() else -1, seed_used, seed, **private)
         preset.change(ctl.apply_preset, preset,
