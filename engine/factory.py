@@ -93,7 +93,7 @@ def model_info(files: ModelFiles, cfg: RunConfig, dtype: torch.dtype, count_toke
         "sample_steps": cfg.sample_steps if cfg.sample_steps is not None else base["sample_steps"],
         "sample_shift": cfg.sample_shift if cfg.sample_shift is not None else base["sample_shift"],
         "sample_guide_scale": cfg.sample_guide_scale if cfg.sample_guide_scale is not None else base["sample_guide_scale"],
-        "sample_solver": cfg.sample_solver,
+        "sample_solver": "euler" if cfg.sample_timesteps and "sample_solver" not in cfg.cli_keys else cfg.sample_solver,
         "base_seed": cfg.base_seed,
         "batch_size": cfg.batch_size,
         "negative_prompt": cfg.negative_prompt,

@@ -404,3 +404,20 @@ def test_page_lora_picks_become_the_request_field():
     slots = lora_slots(["a.safetensors"])
     assert len(slots) == LORA_SLOTS and slots[0]["visible"] and slots[0]["label"] == "Strength of a.safetensors"
     assert not any(s["visible"] for s in slots[1:])
+
+
+def test_page_timesteps_apply_while_steps_match_and_the_distilled_preset_fills_them(fake_14b_server):
+    from ui import REQUEST_KEYS, Controller
+
+    ctl = Controller(fake_14b_server, fake_14b_server.cfg)
+    raw = ctl.raw_request(**form(sample_steps=4, sample_solver="euler", sample_guide_scale=1.0),
+                          sample_timesteps="1000,750,500,250")
+    assert raw["sample_timesteps"] == (1000, 750, 500, 250)
+    assert ctl.dispatcher.validate(raw).sample_timesteps == (1000, 750, 500, 250)
+    assert ctl.raw_request(**form(), sample_timesteps="1000,750,500,250")["sample_timesteps"] is None  # Steps 50 wins
+    *values, note = ctl.apply_preset("distilled_4step")
+    picked = dict(zip(REQUEST_KEYS, values))
+    assert (picked["sample_steps"], picked["sample_shift"], picked["sample_guide_scale"], picked["sample_solver"],
+            picked["sample_timesteps"]) == (4, 5, 1, "euler", "1000,750,500,250")
+    assert note == ("**distilled_4step** filled: sample_steps = 4, sample_guide_scale = 1, sample_shift = 5, "
+                    "sample_solver = euler, sample_timesteps = 1000,750,500,250.")
