@@ -250,3 +250,24 @@ def test_server_runs_the_distilled_preset_with_one_forward_per_step_and_no_teaca
     assert (meta["steps"], meta["solver"], meta["dit_forwards"]) == (4, "euler", 4)
     assert meta["teacache_disabled_reason"] == "TeaCache is off below 10 steps (this request has 4)"
     assert [r.message for r in caplog.records].count("TeaCache is off below 10 steps (this request has 4)") == 1
+
+
+def test_headless_run_with_a_lora_flag_and_the_distilled_preset(tiny_server, tiny_model_dir, tmp_path):
+    import json
+
+    from tests.test_engine import run_app
+
+    lora = tiny_lora(tiny_server, tmp_path / "models" / "loras" / "head.safetensors")
+    save = tmp_path / "fox.mp4"
+    proc = run_app(["--prompt", "a fox", "--size", "32*32", "--frame_num", "1", "--base_seed", "1",
+                    "--preset", "distilled_4step", "--model_dir", str(tmp_path / "models"), "--lora", "head.safetensors:0.25",
+                    "--save_file", str(save)], tiny_model_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads(save.with_suffix(".json").read_text())
+    assert meta["timesteps"] == pytest.approx(SEEN, abs=1e-9) and (meta["steps"], meta["dit_forwards"]) == (4, 4)
+    assert [(r["path"], r["strength"]) for r in meta["loras"]["loras"]] == [(str(lora), 0.25)]
+    bad = run_app(["--prompt", "a fox", "--model_dir", str(tmp_path / "models"), "--lora", "nope.safetensors"],
+                  tiny_model_dir)
+    assert bad.returncode == 2
+    assert (f"error: lora: LoRA file not found: 'nope.safetensors' is neither a file nor a LoRA in "
+            f"{tmp_path / 'models' / 'loras'}") in bad.stderr
