@@ -26,7 +26,15 @@ def load_config(argv: list[str] | None) -> RunConfig:
         from presets import load_preset
 
         preset = load_preset(cli["preset"])
-    return merge_config(preset, cli)
+    cfg = merge_config(preset, cli)
+    from engine.request import parse_timesteps
+
+    parse_timesteps(cfg.sample_timesteps)  # a bad list stops every rank before loading
+    if cfg.lora:
+        from engine.lora import cli_loras
+
+        cli_loras(cfg.lora, cfg.model_dir)  # a missing file or a bad strength stops every rank before loading
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +122,8 @@ def headless(server, cfg: RunConfig) -> int:
     raw = {k: getattr(cfg, k) for k in ("prompt", "negative_prompt", "size", "frame_num", "sample_steps",
                                         "sample_shift", "sample_guide_scale", "sample_solver", "base_seed",
                                         "batch_size", "ulysses_size", "ring_size", "cfg_size", "teacache")}
+    if cfg.sample_timesteps and "sample_solver" not in cfg.cli_keys and cfg.sample_solver == "unipc":
+        raw["sample_solver"] = None  # explicit timesteps take the distilled Euler update unless a solver was asked
     try:
         out = server.dispatcher.submit(raw, save_file=cfg.save_file, save_latents=cfg.save_latents)
     except RequestError as exc:

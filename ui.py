@@ -22,8 +22,9 @@ from typing import Any
 import gradio as gr
 
 from engine.cli import ATTENTION_BACKENDS, RunConfig
+from engine.lora import STRENGTH_RANGE, list_loras
 from engine.pipeline import Cancelled
-from engine.request import MAX_BATCH, MAX_FRAMES, MAX_PROMPT_CHARS, MAX_STEPS, RequestError
+from engine.request import MAX_BATCH, MAX_FRAMES, MAX_PROMPT_CHARS, MAX_STEPS, RequestError, parse_timesteps
 from engine.tiny import RANDOM_WEIGHTS_NOTICE
 from engine.video import list_history, read_sidecar
 from parallel.faults import ServerRestarting
@@ -37,8 +38,9 @@ HISTORY_LIMIT = 24
 NO_PRESET = "(start-up settings)"
 # Settings a request can change; everything else in a preset applies at start-up only.
 REQUEST_KEYS = ("negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
-                "sample_solver", "base_seed", "batch_size", "teacache")
+                "sample_solver", "base_seed", "batch_size", "teacache", "sample_timesteps")
 LAYOUT_KEYS = ("ulysses_size", "ring_size", "cfg_size")
+LORA_SLOTS = 4  # strength sliders on the page (a request takes at most engine.request.MAX_LORAS)
 
 
 # -- form inputs that leave every check to dispatcher.validate ----------------------------------------------
@@ -77,6 +79,27 @@ def parse_layout(value: Any, options: dict[str, tuple[int, int, int]]) -> tuple[
     if not isinstance(value, str) or value not in options:
         raise RequestError("layout", f"must be one of: {'; '.join(options)}; got {str(value)[:60]!r}")
     return options[value]
+
+
+def chosen_loras(names: list[str] | None, *strengths: float) -> list[dict] | None:
+    """The page's LoRA picks as the request's `loras` ([{name, strength}]); None (the server's default) when unset."""
+    if names is None:
+        return None
+    return [{"name": n, "strength": strengths[i] if i < len(strengths) else 1.0} for i, n in enumerate(names)]
+
+
+def lora_slots(names: list[str] | None) -> list:
+    """One visible, labelled strength slider per chosen LoRA; the rest hidden."""
+    names = list(names or [])
+    return [gr.update(visible=i < len(names), label=f"Strength of {names[i]}" if i < len(names) else "Strength")
+            for i in range(LORA_SLOTS)]
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
 
 
 def fmt_seconds(s: float) -> str:
@@ -218,25 +241,31 @@ class Controller:
 
     # -- request ------------------------------------------------------------------------------------------
     def raw_request(self, prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale, sample_shift,
-                    base_seed, sample_solver, batch_size, layout, teacache) -> dict:
-        """The form's values as a raw request, checked by dispatcher.validate (gr.Error naming the field)."""
+                    base_seed, sample_solver, batch_size, layout, teacache, loras=None, sample_timesteps=None) -> dict:
+        """The form's values as a raw request, checked by dispatcher.validate (gr.Error naming the field).
+        Explicit timesteps apply while Steps equals their count (the Steps control wins otherwise)."""
         try:
+            timesteps = parse_timesteps(sample_timesteps) or None
+            if timesteps and sample_steps is not None and _int_or_none(sample_steps) != len(timesteps):
+                timesteps = None
             u, r, c = parse_layout(layout if layout is not None else self.default_layout, self.layouts)
             raw = {"prompt": prompt, "negative_prompt": negative_prompt, "size": size, "frame_num": frame_num,
                    "sample_steps": sample_steps, "sample_guide_scale": sample_guide_scale, "sample_shift": sample_shift,
                    "sample_solver": sample_solver, "base_seed": base_seed, "batch_size": batch_size,
-                   "teacache": teacache, "ulysses_size": u, "ring_size": r, "cfg_size": c}
+                   "teacache": teacache, "ulysses_size": u, "ring_size": r, "cfg_size": c, "loras": loras,
+                   "sample_timesteps": timesteps}
             raw["sample_steps"] = self.dispatcher.validate(raw).sample_steps  # null → the default, for the progress bar
         except RequestError as exc:
             raise field_error(exc) from None
         return raw
 
     def generate(self, prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale, sample_shift,
-                 base_seed, sample_solver, batch_size, layout, teacache, request: gr.Request,
-                 progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress tracker
+                 base_seed, sample_solver, batch_size, layout, teacache, request: gr.Request, loras=None,
+                 sample_timesteps=None, progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress tracker
         """Generate video(s) from a text prompt; returns the mp4 first, then files, seed used, metadata, status."""
         raw = self.raw_request(prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale,
-                               sample_shift, base_seed, sample_solver, batch_size, layout, teacache)
+                               sample_shift, base_seed, sample_solver, batch_size, layout, teacache, loras,
+                               sample_timesteps)
         session = getattr(request, "session_hash", None) or "anonymous"
         skip = gr.skip()
         with self._lock:
@@ -348,6 +377,8 @@ class Controller:
         except (FileNotFoundError, ValueError) as exc:
             raise gr.Error(html.escape(f"preset: {exc}", quote=False), print_exception=False) from None
         values: dict[str, Any] = {k: preset[k] for k in REQUEST_KEYS if k in preset}
+        if isinstance(values.get("sample_timesteps"), (list, tuple)):
+            values["sample_timesteps"] = ",".join(f"{t:g}" for t in values["sample_timesteps"])
         notes = []
         if any(k in preset for k in LAYOUT_KEYS):
             st = self.server.state
@@ -436,6 +467,18 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
                     with gr.Row():
                         for label, value, how in start_up_rows(server):
                             gr.Textbox(str(value), label=label, info=how, interactive=False, min_width=160)
+                with gr.Accordion("LoRAs", open=False):
+                    available = list_loras(cfg.model_dir)
+                    lora_names = gr.Dropdown(available, value=None, multiselect=True, max_choices=LORA_SLOTS,
+                                             label="LoRAs", elem_id="lora-names",
+                                             info=f"files in {Path(cfg.model_dir) / 'loras'}; none chosen: "
+                                                  "the start-up --lora set")
+                    with gr.Row():
+                        lora_strengths = [gr.Slider(*STRENGTH_RANGE, value=1.0, step=0.05, label="Strength",
+                                                    visible=False, elem_id=f"lora-strength-{i}")
+                                          for i in range(LORA_SLOTS)]
+                    loras = gr.JSON(None, visible=False, label="loras")
+                timesteps = gr.Textbox(d.get("sample_timesteps") or "", visible=False, label="sample_timesteps")
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")
@@ -456,7 +499,7 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
             with gr.Tab("Cluster", elem_id="cluster-tab"):
                 cluster = gr.HTML(cluster_html(server), elem_id="cluster")
 
-        form = [prompt, negative, size, frames, steps, guide, shift, seed, solver, batch, layout, teacache]
+        form = [prompt, negative, size, frames, steps, guide, shift, seed, solver, batch, layout, teacache, loras, timesteps]
         for component in form:
             server_checked(component)
         private = {"queue": False, "api_visibility": "private"}
@@ -467,10 +510,14 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
         gen.then(lambda: gr.update(interactive=False), None, stop, **private).then(
             ctl.panels, None, [history, history_paths, cluster], **private)
         stop.click(ctl.cancel, None, None, **private)
+        lora_names.change(lora_slots, lora_names, lora_strengths, **private)
+        for trigger in (lora_names, *lora_strengths):
+            trigger.change(chosen_loras, [lora_names, *lora_strengths], loras, **private)
         random_seed.click(lambda: -1, None, seed, **private)
         reuse_seed.click(lambda s: int(s) if s and s.isdigit() else -1, seed_used, seed, **private)
         preset.change(ctl.apply_preset, preset,
-                      [negative, size, frames, steps, guide, shift, solver, seed, batch, teacache, layout, preset_note],
+                      [negative, size, frames, steps, guide, shift, solver, seed, batch, teacache, timesteps, layout,
+                       preset_note],
                       **private)
         history.select(ctl.show_history, history_paths, [video, files, seed_used, details], **private)
         demo.load(ctl.panels, None, [history, history_paths, cluster], **private)

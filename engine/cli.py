@@ -34,6 +34,8 @@ class RunConfig:
     sample_shift: float | None = None
     sample_guide_scale: float | None = None
     sample_solver: str = "unipc"
+    sample_timesteps: str | None = None  # e.g. "1000,750,500,250" (a preset may give a list): few-step distilled
+    lora: tuple[str, ...] = ()  # PATH[:STRENGTH], repeatable; a bare name is looked up in model_dir/loras
     base_seed: int = -1
     batch_size: int = 1
     save_file: str | None = None
@@ -106,6 +108,10 @@ _HELP = {
     "blocks_to_swap": "number of DiT blocks streamed from host memory",
     "listen": "bind address; --listen alone means 0.0.0.0",
     "port": "web UI port; 0 = any free port (the one bound is printed: 'Wan2.1 web UI listening on http://HOST:PORT')",
+    "sample_timesteps": "explicit timesteps before the shift, e.g. 1000,750,500,250 (4-step distilled sampling; "
+                        "sample_steps becomes their count, the solver euler)",
+    "lora": "LoRA file PATH[:STRENGTH] (strength -4 to 4, default 1), repeatable; a name alone is looked up in "
+            "model_dir/loras; the default LoRAs of every request",
     "fault_grace": "seconds the other ranks may stay inside a request after one rank failed in it (stuck in a "
                    "collective with it) before the gang aborts its communicators and exits for torchrun to restart it",
 }
@@ -142,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_ = _HELP.get(f.name, "") + f" (default: {f.default})"
         if f.name in _BOOL_FLAGS:
             p.add_argument(*names, dest=f.name, nargs="?", const=True, type=_str2bool, help=help_)
+        elif f.name == "lora":
+            p.add_argument(*names, dest=f.name, action="append", help=help_)
         elif f.name == "listen":
             p.add_argument(*names, dest=f.name, nargs="?", const="0.0.0.0", help=help_)
         else:
@@ -159,5 +167,11 @@ def merge_config(preset: dict[str, Any] | None, cli: dict[str, Any]) -> RunConfi
     known = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in (preset or {}).items() if k in known}
     values.update(cli)
+    if isinstance(values.get("lora"), str):
+        values["lora"] = (values["lora"],)
+    values["lora"] = tuple(values.get("lora") or ())
+    ts = values.get("sample_timesteps")
+    if isinstance(ts, (list, tuple)):
+        values["sample_timesteps"] = ",".join(str(t) for t in ts)
     values["cli_keys"] = tuple(sorted(cli))
     return RunConfig(**values)

@@ -11,6 +11,7 @@ import torch
 from engine.cli import RunConfig
 from engine.config import DIT_CONFIGS, SAMPLE_DEFAULTS, SUPPORTED_SIZES, TINY_SIZES
 from engine.loading import open_dit
+from engine.lora import cli_loras
 from engine.model_files import ModelFiles, find_model_files
 from engine.request import RequestLimits
 from engine.tiny import RANDOM_WEIGHTS_NOTICE, default_tiny_dir, ensure_tiny_model
@@ -80,9 +81,11 @@ def model_info(files: ModelFiles, cfg: RunConfig, dtype: torch.dtype, count_toke
         dcfg = DIT_CONFIGS[cfg.task.split("-", 1)[1]]  # the loader refuses a file of another size
         key = dcfg.name
     if key in SUPPORTED_SIZES:
-        limits = RequestLimits(model=key, sizes=SUPPORTED_SIZES[key], count_tokens=count_tokens)
+        limits = RequestLimits(model=key, sizes=SUPPORTED_SIZES[key], count_tokens=count_tokens,
+                               models_dir=cfg.model_dir)
     else:
-        limits = RequestLimits(model=key, sizes=TINY_SIZES, any_multiple_of_16=True, count_tokens=count_tokens)
+        limits = RequestLimits(model=key, sizes=TINY_SIZES, any_multiple_of_16=True, count_tokens=count_tokens,
+                               models_dir=cfg.model_dir)
     base = SAMPLE_DEFAULTS[key]
     defaults = {
         "size": cfg.size or limits.sizes[0],
@@ -90,10 +93,12 @@ def model_info(files: ModelFiles, cfg: RunConfig, dtype: torch.dtype, count_toke
         "sample_steps": cfg.sample_steps if cfg.sample_steps is not None else base["sample_steps"],
         "sample_shift": cfg.sample_shift if cfg.sample_shift is not None else base["sample_shift"],
         "sample_guide_scale": cfg.sample_guide_scale if cfg.sample_guide_scale is not None else base["sample_guide_scale"],
-        "sample_solver": cfg.sample_solver,
+        "sample_solver": "euler" if cfg.sample_timesteps and "sample_solver" not in cfg.cli_keys else cfg.sample_solver,
         "base_seed": cfg.base_seed,
         "batch_size": cfg.batch_size,
         "negative_prompt": cfg.negative_prompt,
         "teacache": cfg.teacache,
+        "sample_timesteps": cfg.sample_timesteps,
+        "loras": cli_loras(cfg.lora, cfg.model_dir),
     }
     return ModelInfo(key, files, dcfg.num_heads, dcfg.num_layers, dtype, limits, defaults)

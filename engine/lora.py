@@ -432,3 +432,19 @@ def resolve_lora(name: str, models_dir: str | Path) -> Path:
     if not p.is_file():
         raise RequestError("lora", f"no LoRA named '{name}' in {root}")
     return p
+
+
+def cli_loras(specs: tuple[str, ...] | list[str], models_dir: str | Path) -> tuple[tuple[str, float], ...]:
+    """--lora PATH[:STRENGTH] values → ((file, strength), ...); a value that is no file is a name in <models_dir>/loras."""
+    out = []
+    for text in specs:
+        path, strength = parse_lora_arg(text)
+        p = Path(path)
+        if not p.is_file():
+            try:
+                p = resolve_lora(path, models_dir)
+            except RequestError:
+                raise RequestError("lora", f"LoRA file not found: '{path}' is neither a file nor a LoRA in "
+                                           f"{lora_dir(models_dir)}") from None
+        out.append((str(p), strength))
+    return tuple(out)

@@ -19,6 +19,7 @@ from engine.teacache import TeaCache, coefficients_for
 
 log = logging.getLogger("wan.pipeline")
 
+TEACACHE_MIN_STEPS = 10  # below this TeaCache has no step to skip worth the risk (few-step distilled sampling)
 StepCallback = Callable[[int, int], None]  # (step about to run, total steps); may raise to stop
 
 
@@ -92,6 +93,9 @@ class WanPipeline:
         self.teacache_agree: Callable[[str, bool], bool] | None = None  # set by parallel/ (rank agreement)
         self.step = 0
         self.cache: TeaCache | None = None
+        self.last_timesteps: list[float] = []  # what the model saw in the last denoise
+        self.teacache_off_reason = ""  # why the last request ran without the TeaCache it asked for
+        self._teacache_off_logged = False
 
     # -- stages ---------------------------------------------------------------------------------------
     def encode_prompts(self, req: GenerationRequest) -> tuple[Tensor, Tensor]:
@@ -129,7 +133,8 @@ class WanPipeline:
 
     def denoise(self, req: GenerationRequest, ctx_c: Tensor, ctx_u: Tensor, on_step: StepCallback | None = None) -> Tensor:
         """Run the sampler from seeded noise to the final latents (B, C, F', H/8, W/8) fp32."""
-        sched = make_scheduler(req.sample_solver, req.sample_steps, req.sample_shift)
+        sched = make_scheduler(req.sample_solver, req.sample_steps, req.sample_shift, req.sample_timesteps)
+        self.last_timesteps = [float(t) for t in sched.timesteps.tolist()]
         x = self.initial_noise(req)
         for i, t in enumerate(sched.timesteps.tolist()):
             self.step = i
@@ -170,6 +175,9 @@ class WanPipeline:
         skipped = sorted(self.cache.skipped) if self.cache is not None else []
         result = GenerationResult(req, latents.float().cpu(), dit_forwards=self.dit_forwards - len(skipped))
         result.info["skipped_steps"] = [list(s) for s in skipped]
+        result.info["timesteps"] = list(self.last_timesteps)
+        if self.teacache_off_reason:
+            result.info["teacache_disabled_reason"] = self.teacache_off_reason
         if self.cache is not None:
             self.cache._state.clear()  # free the cached residuals
         if decode:
@@ -200,7 +208,14 @@ class WanPipeline:
         """Install TeaCache around the block runner for this request (or take it out)."""
         runner = self.dit.block_runner
         base = runner.inner if isinstance(runner, TeaCache) else runner
-        if req.teacache > 0:
+        self.teacache_off_reason = ""
+        if req.teacache > 0 and req.sample_steps < TEACACHE_MIN_STEPS:
+            self.teacache_off_reason = (f"TeaCache is off below {TEACACHE_MIN_STEPS} steps (this request has "
+                                        f"{req.sample_steps})")
+            if not self._teacache_off_logged:
+                log.info("%s", self.teacache_off_reason)
+                self._teacache_off_logged = True
+        if req.teacache > 0 and not self.teacache_off_reason:
             self.cache = TeaCache(base, req.teacache, coefficients_for(self.model_key), self.teacache_device,
                                   self.teacache_agree)
             self.cache.begin(req.sample_steps)

@@ -17,6 +17,7 @@ MAX_FRAMES = 241
 MAX_STEPS = 200
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 8
+MAX_LORAS = 4
 SOLVERS = ("unipc", "euler", "dpm++")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
@@ -49,6 +50,10 @@ class GenerationRequest:
     ring_size: int = 1
     cfg_size: int = 1
     teacache: float = 0.0
+    # explicit timesteps before the shift (few-step distilled sampling); () = the solver's own grid
+    sample_timesteps: tuple[float, ...] = ()
+    # resolved LoRA files and strengths, in order, applied on every rank before the first DiT forward
+    loras: tuple[tuple[str, float], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -75,6 +80,7 @@ class RequestLimits:
     max_side: int = 1920
     count_tokens: Callable[[str], int] | None = None
     solvers: tuple[str, ...] = SOLVERS
+    models_dir: str | None = None  # request LoRA names are files in <models_dir>/loras (None: LoRAs refused)
 
 
 def _fmt(v: float) -> str:
@@ -143,6 +149,56 @@ def parse_size(value: Any, limits: RequestLimits) -> tuple[int, int]:
     return w, h
 
 
+def parse_timesteps(value: Any) -> tuple[float, ...]:
+    """'1000,750,500,250' or a list of numbers → a strictly decreasing tuple in (0, 1000]; None/'' → ()."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise RequestError("sample_timesteps", f"must be a list of numbers like 1000,750,500,250, got {str(value)[:40]!r}")
+    if len(items) > MAX_STEPS:
+        raise RequestError("sample_timesteps", f"must have at most {MAX_STEPS} entries, got {len(items)}")
+    out = tuple(float(_number("sample_timesteps", v.strip() if isinstance(v, str) else v, 0, 1000, integer=False,
+                              lo_open=True)) for v in items)
+    if any(b >= a for a, b in zip(out, out[1:])):
+        raise RequestError("sample_timesteps", f"must be strictly decreasing, got {','.join(_fmt(t) for t in out)}")
+    return out
+
+
+def parse_loras(value: Any, limits: RequestLimits) -> tuple[tuple[str, float], ...]:
+    """A request's `loras`: [{name, strength}] or [[name, strength]] → ((path in <models_dir>/loras, strength), ...)."""
+    from engine.lora import check_strength, lora_dir, resolve_lora
+
+    if not isinstance(value, (list, tuple)):
+        raise RequestError("loras", f"must be a list of {{name, strength}}, got {type(value).__name__}")
+    if len(value) > MAX_LORAS:
+        raise RequestError("loras", f"at most {MAX_LORAS} LoRAs per request, got {len(value)}")
+    if value and limits.models_dir is None:
+        raise RequestError("loras", "this server takes no LoRAs from requests")
+    out = []
+    for item in value:
+        if isinstance(item, Mapping):
+            name, strength = item.get("name"), item.get("strength", 1.0)
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            name, strength = item
+        else:
+            raise RequestError("loras", f"each entry must be {{name, strength}} or [name, strength], got {str(item)[:60]!r}")
+        if not isinstance(name, str):
+            raise RequestError("loras", f"a LoRA name must be text, got {type(name).__name__}")
+        if strength is None:
+            strength = 1.0
+        try:
+            path = resolve_lora(name, limits.models_dir)
+            s = check_strength(strength)
+        except RequestError as exc:
+            raise RequestError("loras", str(exc).removeprefix("lora: ")) from None
+        if any(p == str(path) for p, _ in out):
+            raise RequestError("loras", f"'{name}' is listed twice; in {lora_dir(limits.models_dir)} each LoRA "
+                                        "appears once (set its strength instead)")
+        out.append((str(path), s))
+    return tuple(out)
+
+
 def validate_request(raw: Mapping[str, Any], limits: RequestLimits, defaults: Mapping[str, Any] | None = None) -> GenerationRequest:
     """Check every field of a raw request (UI, API or CLI) and build a GenerationRequest."""
     d = {**(defaults or {}), **{k: v for k, v in raw.items() if v is not None}}
@@ -156,13 +212,33 @@ def validate_request(raw: Mapping[str, Any], limits: RequestLimits, defaults: Ma
     if solver not in limits.solvers:
         raise RequestError("sample_solver", f"must be one of {', '.join(limits.solvers)}, got {str(solver)[:40]!r}")
     seed = _number("base_seed", d.get("base_seed", -1), -1, MAX_SEED, integer=True)
+    steps = _number("sample_steps", d.get("sample_steps", 50), 1, MAX_STEPS, integer=True)
+    timesteps = parse_timesteps(raw.get("sample_timesteps"))
+    if timesteps:
+        if raw.get("sample_steps") is not None and steps != len(timesteps):
+            raise RequestError("sample_steps", f"must equal the number of sample_timesteps ({len(timesteps)}), got {steps}")
+    else:
+        timesteps = parse_timesteps((defaults or {}).get("sample_timesteps"))
+        if timesteps and raw.get("sample_steps") is not None and steps != len(timesteps):
+            timesteps = ()  # the default timesteps are the default for their own step count only
+    if timesteps:
+        steps = len(timesteps)
+        if raw.get("sample_solver") is None:
+            solver = "euler"
+        elif solver != "euler":
+            raise RequestError("sample_solver", f"explicit sample_timesteps use the distilled Euler update; "
+                                                f"set sample_solver to euler, got {str(solver)[:40]!r}")
+    if raw.get("loras") is not None:
+        loras = parse_loras(raw["loras"], limits)
+    else:
+        loras = tuple((str(p), float(s)) for p, s in (defaults or {}).get("loras", ()))
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative,
         width=width,
         height=height,
         frame_num=frames,
-        sample_steps=_number("sample_steps", d.get("sample_steps", 50), 1, MAX_STEPS, integer=True),
+        sample_steps=steps,
         sample_guide_scale=float(_number("sample_guide_scale", d.get("sample_guide_scale", 5.0), 0, 20, integer=False)),
         sample_shift=float(_number("sample_shift", d.get("sample_shift", 5.0), 0, 20, integer=False, lo_open=True)),
         sample_solver=solver,
@@ -172,4 +248,6 @@ def validate_request(raw: Mapping[str, Any], limits: RequestLimits, defaults: Ma
         ring_size=_number("ring_size", d.get("ring_size", 1), 1, 1024, integer=True),
         cfg_size=_number("cfg_size", d.get("cfg_size", 1), 1, 2, integer=True),
         teacache=float(_number("teacache", d.get("teacache", 0.0), 0, 10, integer=False)),
+        sample_timesteps=timesteps,
+        loras=loras,
     )

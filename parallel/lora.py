@@ -85,6 +85,8 @@ class LoraState:
     merged: dict[str, tuple] = field(default_factory=dict)  # name → signature of what is merged in now
     cache: dict[tuple, LoraFile] = field(default_factory=dict)  # file_key → read LoRA, most recent last
     warned: set[tuple] = field(default_factory=set)
+    active: tuple[tuple[str, float], ...] = ()  # the (path, strength) list every rank has merged in now
+    summary: LoraSummary | None = None  # what applying `active` reported
 
 
 def lora_state(model: nn.Module) -> LoraState:
@@ -228,6 +230,45 @@ def apply_loras(model: nn.Module, loras: Sequence[LoraSpec], device: torch.devic
                  ", ".join(f"{r.name}@{r.strength:g}" for r in summary.loras) or "none", summary.changed,
                  summary.restored, summary.seconds)
     return summary
+
+
+class LoraRefused(RuntimeError):
+    """A request's LoRAs failed on some rank; every rank kept (or went back to) the previous set."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(f"rank {rank}: {message}")
+        self.rank, self.error = rank, message
+
+
+def apply_request_loras(pipe, rt, loras: Sequence[tuple[str, float]]) -> LoraSummary:
+    """A request's LoRAs on this rank's DiT, agreed with every rank (call on every rank, before the first forward).
+
+    Nothing happens (no collective) when neither the request nor the installed set has a LoRA. Otherwise the
+    set is applied when it changed, then the ranks agree on (ok, message); if any rank failed, the ranks that
+    applied it go back to the previous set and every rank raises LoraRefused naming the first failed rank.
+    """
+    state = lora_state(pipe.dit)
+    want = tuple((str(p), float(s)) for p, s in loras)
+    active = state.active
+    if not want and not active:
+        return LoraSummary()
+    ok, message, summary = True, "", state.summary or LoraSummary()
+    if want != active:
+        try:
+            summary = apply_loras(pipe.dit, list(want))
+        except Exception as exc:  # noqa: BLE001 - agreed with every rank below, then raised everywhere
+            ok, message = False, str(exc)
+            log.error("rank %d: LoRA refused: %s", rt.rank, message)
+    verdicts = rt.all_gather_object((ok, message))
+    failed = [(r, m) for r, (good, m) in enumerate(verdicts) if not good]
+    if failed:
+        if ok and want != active:
+            apply_loras(pipe.dit, list(active))  # back to the set every rank still has
+        raise LoraRefused(*failed[0])
+    if want != active:
+        state.active, state.summary = want, summary
+        return summary
+    return LoraSummary(loras=summary.loras)  # unchanged: nothing merged or restored for this request
 
 
 def _merged(original: Tensor, slot: _Slot, parts: list[tuple[LoraFile, float]], target: str,

@@ -46,6 +46,11 @@ def sidecar_meta(server, result: GenerationResult, index: int) -> dict:
         "dit_forwards": int(result.dit_forwards),
         "teacache": req.teacache,
         "skipped_steps": result.info.get("skipped_steps", []),
+        **({"teacache_disabled_reason": result.info["teacache_disabled_reason"]}
+           if result.info.get("teacache_disabled_reason") else {}),
+        "sample_timesteps": list(req.sample_timesteps),
+        "timesteps": result.info.get("timesteps", []),
+        "loras": result.info.get("loras", {"loras": []}),
         "layout": {"world_size": rt.world_size, "cfg_size": req.cfg_size, "ring_size": req.ring_size,
                    "ulysses_size": req.ulysses_size},
         "fsdp": {"dit": st.dit_fsdp, "t5": st.t5_fsdp},

@@ -265,10 +265,11 @@ def test_a_failed_request_frees_its_activations_and_per_request_state_before_the
     server = production_server(tiny_model_dir, blocks_to_swap=1)
     seen: list = []
     hook = server.pipe.dit.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
-    req = GenerationRequest(prompt="a fox", width=208, height=144, frame_num=9, sample_steps=4, base_seed=1, teacache=0.3)
+    req = GenerationRequest(prompt="a fox", width=208, height=144, frame_num=9, sample_steps=10, base_seed=1,
+                            teacache=0.3)  # 10 steps: TeaCache is off below 10
     with pytest.raises(RankFailed) as err:
-        server.execute(req, {"decode": False, "fault": {"rank": 0, "where": "block", "block": 2, "step": 3}})  # the last step: always computed
-    assert str(err.value) == "rank 0 failed at step 3: InjectedFault: injected fault in block on rank 0 at step 3"
+        server.execute(req, {"decode": False, "fault": {"rank": 0, "where": "block", "block": 2, "step": 9}})  # the last step: always computed
+    assert str(err.value) == "rank 0 failed at step 9: InjectedFault: injected fault in block on rank 0 at step 9"
     assert err.value.__context__ is None and err.value.__cause__ is None  # no traceback holding the forward's frames
     assert seen and all(ref() is None for ref in seen), "activations of the failed request are still referenced"
     streamer = server.pipe.dit.block_runner.inner.streamer  # TeaCache wraps the streaming runner

@@ -353,3 +353,71 @@ def test_history_gallery_is_read_from_outputs_dir_so_it_survives_a_restart(app, 
     assert paths == [str(p) for p in on_disk] and len(paths) >= 1
     assert "remember me" in gallery[0][1] and "208*144" in gallery[0][1]
     assert "Memory per rank" in cluster
+
+
+# -- LoRAs through the page's API ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_app(tmp_path_factory, tiny_model_dir):
+    """An app whose model_dir holds loras/tiny_style.safetensors, a LoRA made for the tiny DiT's shapes."""
+    from safetensors.torch import load_file
+
+    from engine.tiny import DIT_FILE
+    from tests.lora_util import spec, write
+
+    tmp = tmp_path_factory.mktemp("ui_lora")
+    (tmp / "models" / "loras").mkdir(parents=True)
+    sd = load_file(str(tiny_model_dir / "diffusion_models" / DIT_FILE))
+    write(spec(sd, 7, ["blocks.0.self_attn.q", "blocks.0.ffn.0"]), "official",
+          tmp / "models" / "loras" / "tiny_style.safetensors")
+    with running_app(tmp, tiny_model_dir, "--auth", f"{USER}:{PASSWORD}", "--model_dir", str(tmp / "models")) as running:
+        running.models = tmp / "models"
+        yield running
+
+
+def test_generate_api_takes_loras_and_the_sidecar_records_them(lora_app):
+    before = set(lora_app.videos())
+    client(lora_app).predict(prompt="a styled fox", base_seed=1, api_name="/generate",
+                             loras=[{"name": "tiny_style.safetensors", "strength": 0.5}], **SMALL)
+    (mp4,) = sorted(set(lora_app.videos()) - before)
+    side = json.loads(mp4.with_suffix(".json").read_text())["loras"]
+    assert [(r["name"], r["strength"], r["format"], r["tensors"], r["skipped"], r["unmatched"])
+            for r in side["loras"]] == [("tiny_style.safetensors", 0.5, "official", 2, 0, 0)]
+    assert side["changed"] == 2
+
+
+def test_unknown_lora_name_is_refused_with_the_exact_message(lora_app):
+    from gradio_client.exceptions import AppError
+
+    before = lora_app.videos()
+    with pytest.raises(AppError) as err:
+        client(lora_app).predict(prompt="a cat", api_name="/generate", loras=[{"name": "nope.safetensors"}], **SMALL)
+    assert str(err.value) == f"loras: no LoRA named 'nope.safetensors' in {lora_app.models / 'loras'}"
+    assert lora_app.videos() == before
+
+
+def test_page_lora_picks_become_the_request_field():
+    from ui import LORA_SLOTS, chosen_loras, lora_slots
+
+    assert chosen_loras(None, 1.0, 1.0, 1.0, 1.0) is None
+    assert chosen_loras(["a.safetensors", "b.safetensors"], 0.5, -1.0, 1.0, 1.0) == [
+        {"name": "a.safetensors", "strength": 0.5}, {"name": "b.safetensors", "strength": -1.0}]
+    slots = lora_slots(["a.safetensors"])
+    assert len(slots) == LORA_SLOTS and slots[0]["visible"] and slots[0]["label"] == "Strength of a.safetensors"
+    assert not any(s["visible"] for s in slots[1:])
+
+
+def test_page_timesteps_apply_while_steps_match_and_the_distilled_preset_fills_them(fake_14b_server):
+    from ui import REQUEST_KEYS, Controller
+
+    ctl = Controller(fake_14b_server, fake_14b_server.cfg)
+    raw = ctl.raw_request(**form(sample_steps=4, sample_solver="euler", sample_guide_scale=1.0),
+                          sample_timesteps="1000,750,500,250")
+    assert raw["sample_timesteps"] == (1000, 750, 500, 250)
+    assert ctl.dispatcher.validate(raw).sample_timesteps == (1000, 750, 500, 250)
+    assert ctl.raw_request(**form(), sample_timesteps="1000,750,500,250")["sample_timesteps"] is None  # Steps 50 wins
+    *values, note = ctl.apply_preset("distilled_4step")
+    picked = dict(zip(REQUEST_KEYS, values))
+    assert (picked["sample_steps"], picked["sample_shift"], picked["sample_guide_scale"], picked["sample_solver"],
+            picked["sample_timesteps"]) == (4, 5, 1, "euler", "1000,750,500,250")
+    assert note == ("**distilled_4step** filled: sample_steps = 4, sample_guide_scale = 1, sample_shift = 5, "
+                    "sample_solver = euler, sample_timesteps = 1000,750,500,250.")
