@@ -31,7 +31,7 @@ USER, PASSWORD = "reliability", "s3cret-pass"
 # What a Python traceback looks like when it leaks into an answer.
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+|\bline \d+, in \w+")
 FIELDS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
-          "base_seed", "sample_solver", "batch_size", "layout", "teacache")
+          "base_seed", "sample_solver", "batch_size", "layout", "teacache", "loras", "sample_timesteps")
 # Any field name a validation error may start with ("layout" covers ulysses/ring/cfg sizes).
 ERROR_FIELDS = (*FIELDS, "ulysses_size", "ring_size", "cfg_size")
 BUSY = "Queue is full"
@@ -283,7 +283,7 @@ class QueueClient:
 # -- fuzz cases ---------------------------------------------------------------------------------------------
 def base_request(layout: str) -> list[Any]:
     """The cheapest valid request (16*16, 1 frame, 1 step: ~0.5 s on 2 CPU cores), in /generate's order."""
-    return ["a red fox in the snow", "", "16*16", 1, 1, 5.0, 5.0, 7, "unipc", 1, layout, 0.0]
+    return ["a red fox in the snow", "", "16*16", 1, 1, 5.0, 5.0, 7, "unipc", 1, layout, 0.0, [], ""]
 
 
 def hostile_values() -> list[Any]:

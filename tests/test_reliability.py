@@ -364,7 +364,7 @@ def test_fuzzed_requests_get_a_result_or_a_field_error_and_no_traceback(gangs, s
 # Values that once broke the app (each is also in the fuzz above): the exact answer each gets now.
 def ask(gang, **changes) -> object:
     """One raw queue call of /generate: the base request (a 16×16 one-step video) with `changes` applied."""
-    data = dict(zip(FIELDS, ["a cat", "", "16*16", 1, 1, 5.0, 5.0, 1, "unipc", 1, None, 0.0]))
+    data = dict(zip(FIELDS, ["a cat", "", "16*16", 1, 1, 5.0, 5.0, 1, "unipc", 1, None, 0.0, [], ""]))
     qc = QueueClient(gang.url)
     try:
         return qc.call(list({**data, **changes}.values()))
