@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_dit import inputs, rel, time_cuda  # noqa: E402
+from benchmarks.bench_dit import inputs, rel, time_cpu, time_cuda  # noqa: E402
 from engine.request import GenerationRequest, validate_request  # noqa: E402
 from parallel.apply import apply_layout, build_parallel_pipeline  # noqa: E402
 from parallel.layout import LayoutGroups, ParallelLayout, valid_layouts  # noqa: E402
@@ -136,16 +135,7 @@ def make_request(server, size: str, frames: int, steps: int, layout: ParallelLay
 
 def timed(fn, runs: int, warmup: int, device: torch.device) -> float:
     """Median milliseconds of fn: CUDA events on a GPU, perf_counter on the CPU."""
-    if device.type == "cuda":
-        return time_cuda(fn, runs, warmup)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return time_cuda(fn, runs, warmup) if device.type == "cuda" else time_cpu(fn, runs, warmup)
 
 
 def local(server) -> None:

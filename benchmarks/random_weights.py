@@ -8,10 +8,7 @@ the GPU when there is one and streamed to disk tensor by tensor (host memory sta
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 
@@ -80,27 +77,17 @@ def write_model_dir(root: Path, key: str, seed: int = 0, t5: dict | None = None,
     """root/{diffusion_models,text_encoders,vae}/ with random real-shape files and a tokenizer (skipped when
     already there; written into a temporary folder renamed into place, so readers never see half a file)."""
     from engine.text_encoder import build_tiny_tokenizer
+    from engine.tiny import write_atomically
 
-    root = Path(root)
-    if (root / "vae" / VAE_FILE).exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    def write(tmp: Path) -> None:
         for sub in ("diffusion_models", "text_encoders", "vae"):
             (tmp / sub).mkdir()
         write_random_safetensors(tmp / "diffusion_models" / DIT_FILE.format(key=key), dit_shapes(key), seed, metadata=NOTE)
         write_random_safetensors(tmp / "text_encoders" / T5_FILE, t5_shapes(t5), seed + 1, metadata=NOTE)
         build_tiny_tokenizer(tmp / "text_encoders" / "tokenizer")  # ids < 2048: valid for any vocabulary
         write_random_safetensors(tmp / "vae" / VAE_FILE, vae_shapes(vae_dim), seed + 2, metadata=NOTE)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / "vae" / VAE_FILE).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    return write_atomically(root, write, f"random {key} model files", f"vae/{VAE_FILE}")
 
 
 def wait_for_model_dir(root: Path, timeout_s: float = 1800.0) -> Path:

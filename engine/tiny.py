@@ -107,18 +107,24 @@ def default_tiny_dir(model_dir: str | Path) -> Path:
 
 def ensure_tiny_model(root: str | Path) -> Path:
     """Generate the tiny model at root unless it is already there; safe when many processes race."""
+    return write_atomically(root, write_tiny_model, "the embedded tiny random-weight model", f"vae/{VAE_FILE}")
+
+
+def write_atomically(root: str | Path, write, what: str, marker: str) -> Path:
+    """`write(folder)` into a temporary folder renamed to root, unless root/marker (its last file) exists:
+    concurrent writers never expose a half-written model, and the first rename wins."""
     root = Path(root)
-    if (root / "vae" / VAE_FILE).exists():
+    if (root / marker).exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        write_tiny_model(tmp)
+        write(tmp)
         try:
             os.rename(tmp, root)  # atomic; fails if another process renamed its copy first
-            log.info("wrote the embedded tiny random-weight model to %s", root)
+            log.info("wrote %s to %s", what, root)
         except OSError:
-            if not (root / "vae" / VAE_FILE).exists():
+            if not (root / marker).exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ from engine.tiny import DIT_FILE
 from parallel import faults
 from parallel.offload import apply_offload, plan_offload
 from tests.multirank import ROOT, gang_env, latents
+from tests.test_memory_modes import _inputs
 
 REQ = {"prompt": "a red fox in the snow", "size": "208*144", "frame_num": 9, "sample_steps": 4, "base_seed": 11}
 GRACE, HEARTBEAT = 3, 20  # --fault_grace and --heartbeat_timeout of the gangs below (dist_timeout stays 600 s)
@@ -96,11 +97,6 @@ def test_fault_in_the_parallel_vae_decode_ends_the_request_on_every_rank_without
 @pytest.fixture(scope="module")
 def dit_path(tiny_model_dir):
     return tiny_model_dir / "diffusion_models" / DIT_FILE
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(1, 16, 3, 18, 26, generator=g), torch.tensor([800.0]), torch.randn(1, 9, 64, generator=g)
 
 
 def test_a_failure_inside_a_streamed_block_leaves_the_streamer_clean_for_the_next_forward(dit_path):
