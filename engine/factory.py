@@ -82,10 +82,10 @@ def model_info(files: ModelFiles, cfg: RunConfig, dtype: torch.dtype, count_toke
         key = dcfg.name
     if key in SUPPORTED_SIZES:
         limits = RequestLimits(model=key, sizes=SUPPORTED_SIZES[key], count_tokens=count_tokens,
-                               models_dir=cfg.model_dir)
+                               num_blocks=dcfg.num_layers, models_dir=cfg.model_dir)
     else:
         limits = RequestLimits(model=key, sizes=TINY_SIZES, any_multiple_of_16=True, count_tokens=count_tokens,
-                               models_dir=cfg.model_dir)
+                               num_blocks=dcfg.num_layers, models_dir=cfg.model_dir)
     base = SAMPLE_DEFAULTS[key]
     defaults = {
         "size": cfg.size or limits.sizes[0],
@@ -98,6 +98,8 @@ def model_info(files: ModelFiles, cfg: RunConfig, dtype: torch.dtype, count_toke
         "batch_size": cfg.batch_size,
         "negative_prompt": cfg.negative_prompt,
         "teacache": cfg.teacache,
+        "offload_percent": cfg.offload_percent,
+        "blocks_to_swap": min(cfg.blocks_to_swap, dcfg.num_layers),  # more than the model has: all of them
         "sample_timesteps": cfg.sample_timesteps,
         "loras": cli_loras(cfg.lora, cfg.model_dir),
     }

@@ -50,6 +50,9 @@ class GenerationRequest:
     ring_size: int = 1
     cfg_size: int = 1
     teacache: float = 0.0
+    # per-request memory mode (None: the start-up value); a change re-plans the weights before the request
+    offload_percent: float | None = None
+    blocks_to_swap: int | None = None
     # explicit timesteps before the shift (few-step distilled sampling); () = the solver's own grid
     sample_timesteps: tuple[float, ...] = ()
     # resolved LoRA files and strengths, in order, applied on every rank before the first DiT forward
@@ -80,6 +83,7 @@ class RequestLimits:
     max_side: int = 1920
     count_tokens: Callable[[str], int] | None = None
     solvers: tuple[str, ...] = SOLVERS
+    num_blocks: int = 40  # the DiT's blocks: the most blocks_to_swap can name
     models_dir: str | None = None  # request LoRA names are files in <models_dir>/loras (None: LoRAs refused)
 
 
@@ -248,6 +252,10 @@ def validate_request(raw: Mapping[str, Any], limits: RequestLimits, defaults: Ma
         ring_size=_number("ring_size", d.get("ring_size", 1), 1, 1024, integer=True),
         cfg_size=_number("cfg_size", d.get("cfg_size", 1), 1, 2, integer=True),
         teacache=float(_number("teacache", d.get("teacache", 0.0), 0, 10, integer=False)),
+        offload_percent=None if d.get("offload_percent") is None else float(
+            _number("offload_percent", d["offload_percent"], 0, 1, integer=False)),
+        blocks_to_swap=None if d.get("blocks_to_swap") is None else int(
+            _number("blocks_to_swap", d["blocks_to_swap"], 0, limits.num_blocks, integer=True)),
         sample_timesteps=timesteps,
         loras=loras,
     )
