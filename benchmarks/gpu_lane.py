@@ -6,6 +6,7 @@ through the normal loaders; the text encoder is umt5-xxl's width (4096) with 2 l
     python benchmarks/gpu_lane.py                       # everything (≈ 15 min on an H200: use --part)
     python benchmarks/gpu_lane.py --part presets,modes  # one device call
     python benchmarks/gpu_lane.py --part faults,restart,paths
+    python benchmarks/gpu_lane.py --part replan,lora      # per-request memory mode and LoRA switches
     python benchmarks/gpu_lane.py --smoke --device cpu  # the same code at tiny sizes on a CPU (a test)
 
 Each case is its own gang: `torchrun --standalone --nproc_per_node 1 tests/gang.py` with WAN_ONE_RANK_GROUPS=1
@@ -368,6 +369,11 @@ def main() -> None:
             cases += part_restart(m, req, work)
         elif p == "paths":
             cases += part_paths(a.device)
+        elif p in ("replan", "lora"):
+            sys.modules.setdefault("benchmarks.gpu_lane", sys.modules[__name__])  # one LOG, one ONLY
+            from benchmarks import gpu_lane_switch
+
+            cases += (gpu_lane_switch.part_replan if p == "replan" else gpu_lane_switch.part_lora)(m, req, work)
         say(f"part {p}: {time.perf_counter() - t0:.0f} s")
         save(out_path, gpu, cases, m)
     raw = ROOT / "benchmarks" / "results" / "raw" / f"gpu_lane_{tag}_{'_'.join(parts)}.txt"

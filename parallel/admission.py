@@ -24,8 +24,11 @@ def estimate_inputs(server, req: GenerationRequest) -> EstimateInputs:
     t5 = dict(getattr(t5_model, "config", None).to_dict()) if t5_model is not None else {}
     t5 = {k: t5[k] for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads") if k in t5}
     t5_place = "fsdp" if st.t5_fsdp else ("cpu" if cfg.t5_cpu else "gpu")
-    mode = MemoryMode(world_size=server.rt.world_size, dit_fsdp=st.dit_fsdp, blocks_to_swap=cfg.blocks_to_swap,
-                      offload_percent=cfg.offload_percent, t5=t5_place, offload_model=cfg.offload_model,
+    now = st.memory_mode or {"blocks_to_swap": cfg.blocks_to_swap, "offload_percent": cfg.offload_percent}
+    swap = req.blocks_to_swap if req.blocks_to_swap is not None else now["blocks_to_swap"]
+    pct = req.offload_percent if req.offload_percent is not None else now["offload_percent"]
+    mode = MemoryMode(world_size=server.rt.world_size, dit_fsdp=st.dit_fsdp, blocks_to_swap=swap,
+                      offload_percent=pct, t5=t5_place, offload_model=cfg.offload_model,
                       dtype_bytes=st.info.dtype.itemsize,
                       vae_decode=True, vae_tiling=cfg.vae_tiling, vae_parts=server.rt.world_size if st.parallel_vae else 1)
     request = Request(req.width, req.height, req.frame_num, req.batch_size, cfg=req.sample_guide_scale != 1.0)

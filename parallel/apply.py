@@ -22,6 +22,7 @@ from engine.loading import build_dit, load_dit, load_text_encoder, load_vae, ope
 from engine.pipeline import SequentialCFG, WanPipeline
 from parallel.kernels import Kernel, get_kernel
 from parallel.layout import LayoutGroups, MeshCache, ParallelLayout, cross_node_note, resolve_layout
+from parallel.replan import MemoryModes
 from parallel.runtime import Runtime
 from parallel.sequence import SequenceShards
 from parallel.usp import USPAttention
@@ -73,7 +74,13 @@ class ParallelState:
     sp_backend: str = "native"
     startup_log: list[str] = field(default_factory=list)
     parallel_vae: bool = False
+    memory: MemoryModes | None = None  # the per-request memory mode (block swap / offload percent)
     _noted: set = field(default_factory=set)  # layouts whose cross-node note was logged
+
+    @property
+    def memory_mode(self) -> dict:
+        """The memory mode in force: blocks_to_swap, offload_percent, host_gib, replan_s."""
+        return self.memory.current.to_dict() if self.memory is not None else {}
 
     def layout_for(self, ulysses: int | None, ring: int | None, cfg: int | None) -> ParallelLayout:
         """The layout of a request (its sizes, else the start-up defaults), checked."""
@@ -162,6 +169,10 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
         offloaded, _ = fsdp_offload_units(model, plan)
         apply_fsdp(model, model.blocks, mesh, offload=offloaded)
         load_sharded(model, view, rt.device, dtype, "Wan2.1 DiT", files.dit, host_modules=offloaded)
+        from parallel.fsdp import set_shard_home
+
+        for block in offloaded:  # FSDP2 loaded them into plain host memory: pin each at its exact size
+            set_shard_home(block, True, rt.device)
         if not plan.empty:
             log.info("offload under FSDP: %d whole blocks (%d swapped + offload_percent %g of the others) keep this "
                      "rank's shards in host memory", len(plan.swapped), min(cfg.blocks_to_swap, len(model.blocks)),
@@ -227,7 +238,8 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime, files=None) -> tuple[Wa
         raise BackendUnavailable("sp_backend xfuser has no CPU path (xDiT's attention calls CUDA kernels only); "
                                  "use --sp_backend native")
     state = ParallelState(rt, info, kernel, MeshCache(rt.world_size, rt.rank, cfg.sp_backend == "xfuser", rt.device), layout, dit_fsdp, t5_fsdp,
-                          cfg.use_context_parallel, cfg.sp_backend, notes, parallel_vae)
+                          cfg.use_context_parallel, cfg.sp_backend, notes, parallel_vae,
+                          MemoryModes(dit, rt.device, dit_fsdp, cfg.blocks_to_swap, cfg.offload_percent))
     context_parallel = layout.sp > 1
     notes.append(f"attention kernel: {kernel.name}; default layout: {layout}"
                  + (f" ({rt.nnodes} nodes: Ulysses inside a node, Ring across nodes)" if rt.nnodes > 1 else ""))

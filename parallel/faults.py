@@ -39,7 +39,7 @@ log = logging.getLogger("wan.faults")
 
 EXIT_RESTART = 3  # the gang exits with this after an abort; torchrun (launch.sh) restarts it
 TIMEOUT_WORDS = ("Timeout", "timed out", "Connection closed", "Connection reset")
-FAULT_SITES = ("step", "attention", "block", "vae", "oom", "cuda_error")
+FAULT_SITES = ("step", "attention", "block", "vae", "oom", "cuda_error", "replan")
 
 
 class ServerRestarting(RuntimeError):
@@ -205,6 +205,20 @@ def check_fault(fault: dict | None) -> dict | None:
         raise ValueError(f"fault 'where' must be one of {', '.join(FAULT_SITES)}, got {where!r}")
     return {"where": where, "rank": int(fault.get("rank", 0)), "step": int(fault.get("step", 0)),
             "block": int(fault.get("block", 0)), "message": str(fault.get("message", ""))}
+
+
+def replan_fault(fault: dict | None, rank: int):
+    """For a fault {where: replan, block: i}: an `on_block` callback that raises after block i moved (the
+    re-plan of a changed memory mode, half done), on the fault's rank; None otherwise."""
+    if not fault or fault["where"] != "replan" or fault["rank"] != rank:
+        return None
+
+    def on_block(i: int) -> None:
+        if i == fault["block"]:
+            raise InjectedFault(fault["message"] or f"injected fault in the memory re-plan on rank {rank} "
+                                                    f"after block {i}")
+
+    return on_block
 
 
 def _raise(fault: dict, rank: int, device: torch.device) -> None:

@@ -34,7 +34,7 @@ def apply_fsdp(root: nn.Module, blocks: Iterable[nn.Module], mesh, offload: Iter
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     offload_ids = {id(m) for m in offload}
-    policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
+    policy = CPUOffloadPolicy(pin_memory=False)  # pinned afterwards at exact size: set_shard_home
     blocks = list(blocks)
     for block in blocks:
         for sub in block.modules():
@@ -96,6 +96,63 @@ def materialize(module: nn.Module, device: torch.device, host_modules: Iterable[
     for m in module.modules():
         if id(m) not in inside:
             m.to_empty(device=device, recurse=False)
+
+
+def fsdp_groups(module: nn.Module) -> list:
+    """The FSDP2 parameter groups `fully_shard(module)` made (none for a module that was not sharded)."""
+    state_of = getattr(module, "_get_fsdp_state", None)
+    if state_of is None:
+        return []
+    state = state_of()
+    return list(getattr(state, "_fsdp_param_groups", None) or
+                ([state._fsdp_param_group] if getattr(state, "_fsdp_param_group", None) is not None else []))
+
+
+def shards_on_host(module: nn.Module) -> bool:
+    """Whether this FSDP unit's shards live in host memory (FSDP2's CPU offload)."""
+    return any(fp.offload_to_cpu for g in fsdp_groups(module) for fp in g.fsdp_params)
+
+
+@torch.no_grad()
+def set_shard_home(module: nn.Module, host: bool, device: torch.device) -> int:
+    """Move this FSDP unit's shards (this rank's rows) between `device` and host memory, between forwards.
+
+    On the host the shards of the unit share one exact-size page-locked buffer (offload.HostStore: FSDP2's
+    own `pin_memory()` rounds each tensor up to a power of two, ~1.6x host memory for a 14B block), and the
+    unit is marked for FSDP2's CPU offload (its all-gather copies the shard in first). Returns the bytes moved.
+    Uses FSDP2's per-parameter state (torch 2.6+): the padded flat shard, the DTensor registered on the module."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    from parallel.offload import HostStore
+
+    if isinstance(module, nn.Module) and hasattr(module, "reshard"):
+        module.reshard()  # the registered parameters are the shards
+    moved = 0
+    for group in fsdp_groups(module):
+        old_store = getattr(group, "_wan_host_store", None)
+        params = [fp for fp in group.fsdp_params if fp.offload_to_cpu != host or (host and old_store is None)]
+        if not params:
+            continue
+        if host:
+            store = HostStore([fp._sharded_param_data for fp in params], pin=device.type == "cuda")
+            padded = store.views
+        else:
+            store = None
+            padded = [fp._sharded_param_data.to(device, copy=True) for fp in params]
+        for fp, flat in zip(params, padded):
+            moved += flat.numel() * flat.element_size()
+            shape = fp.padded_sharded_param_size
+            fp._sharded_param_data = flat.view(-1)
+            local = flat.view(shape).narrow(0, 0, fp.sharded_size[0])  # this rank's rows, without the padding
+            fp.offload_to_cpu = host
+            fp.pin_memory = host and device.type == "cuda"
+            fp.sharded_param = nn.Parameter(fp.to_sharded_dtensor(local), requires_grad=False)
+            fp._setattr_on_modules(fp.sharded_param)
+        group.offload_policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if host else OffloadPolicy()
+        if old_store is not None:
+            old_store.close()  # a re-pinned unit's shards were copied out of it
+        group._wan_host_store = store if host else None
+    return moved
 
 
 def t5_sharder(mesh, device: torch.device, dtype: torch.dtype, path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -131,20 +132,63 @@ class BlockStreamer:
     pending copies, and the runner calls it when a block raises, so one failed forward (an OOM on a 24 GB
     card) never leaves the streamer believing a unit is resident."""
 
-    def __init__(self, blocks: nn.ModuleList, plan: OffloadPlan, device: torch.device) -> None:
+    def __init__(self, blocks: nn.ModuleList, plan: OffloadPlan, device: torch.device,
+                 previous: BlockStreamer | None = None, on_block: Callable[[int], None] | None = None,
+                 hosted: dict[int, Tensor] | None = None) -> None:
+        """Move the planned tensors to host memory. With `previous` (the streamer of the plan in force), this
+        is a re-plan between requests, block by block: the tensors the new plan keeps on the host are copied
+        from where they are now (a block whose host set is unchanged keeps its buffer), those it no longer
+        plans go back to the device, then the old buffer is freed; blocks that gain host bytes go first, so
+        neither side ever holds more than one block beyond the larger of the two plans. Every parameter is
+        at all times either on the device or in `hosted` (shared with `previous`), so a re-plan that fails
+        half-way (host memory, a copy) is undone by re-planning to the old plan with this streamer as
+        `previous` (parallel/replan.py). `on_block(i)` runs after each block (tests inject faults there)."""
         self.device = device
         self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.plan = plan
         self.units: dict[int, list[tuple[nn.Parameter, Tensor]]] = {}
         self.stores: dict[int, HostStore] = {}
-        for i in range(len(blocks)):
-            params = [p for m in plan.modules(blocks, i) for p in m.parameters()]
-            if params:
-                store = HostStore([p.data for p in params], pin=self.cuda)
+        if hosted is None:
+            hosted = previous.hosted if previous is not None else {}
+        self.hosted: dict[int, Tensor] = hosted  # id(param) → its host copy, for every host-resident parameter
+        old_units = previous.units if previous is not None else {}
+        if previous is not None:
+            previous.reset()
+            if previous.cuda:
+                previous.stream.synchronize()
+        self.stream = previous.stream if previous is not None and previous.cuda else (
+            torch.cuda.Stream(device) if self.cuda else None)
+        wanted = {i: [p for m in plan.modules(blocks, i) for p in m.parameters()] for i in range(len(blocks))}
+
+        def growth(i: int) -> int:  # host bytes this block gains under the new plan
+            old = sum(p.numel() * p.element_size() for p in blocks[i].parameters() if id(p) in hosted)
+            return sum(p.numel() * p.element_size() for p in wanted[i]) - old
+
+        for i in sorted(range(len(blocks)), key=lambda i: -growth(i)):
+            params = wanted[i]
+            ids = [id(p) for p in params]
+            old_store = previous.stores.pop(i, None) if previous is not None else None
+            if params and old_store is not None and [id(p) for p, _ in old_units.get(i, [])] == ids:
+                self.stores[i], self.units[i] = old_store, old_units[i]  # the same tensors: keep the buffer
+                old_store = None
+            elif params:
+                store = HostStore([hosted.get(id(p), p.data) for p in params], pin=self.cuda)
                 self.stores[i] = store
                 self.units[i] = list(zip(params, store.views))
-                for p in params:
+                for p, view in zip(params, store.views):
                     p.data = torch.empty(0, dtype=p.dtype, device=device)
+                    hosted[id(p)] = view
+            keep = set(ids)
+            for p in blocks[i].parameters():
+                if id(p) in hosted and id(p) not in keep:
+                    p.data = hosted[id(p)].to(device, copy=True)  # back on the device (a copy: the buffer goes)
+                    del hosted[id(p)]
+            if old_store is not None:
+                old_store.close()
+            if on_block is not None:
+                on_block(i)
+        if previous is not None:
+            previous.units.clear()
         self.order = sorted(self.units)
         self.pending: dict[int, tuple[list[Tensor], object]] = {}
         self.resident: set[int] = set()
@@ -255,11 +299,22 @@ def host_param_names(model: nn.Module, plan: OffloadPlan) -> set[str]:
     return names
 
 
-def apply_offload(model: nn.Module, plan: OffloadPlan, device: torch.device) -> BlockStreamer | None:
-    """Keep the planned tensors in host memory and stream them during the forward (non-FSDP models)."""
-    if plan.empty:
+def apply_offload(model: nn.Module, plan: OffloadPlan, device: torch.device,
+                  on_block: Callable[[int], None] | None = None) -> BlockStreamer | None:
+    """Keep the planned tensors in host memory and stream them during the forward (non-FSDP models).
+    On a model that streams already (a per-request re-plan), the tensors move from the old plan to this
+    one; an empty plan puts every tensor back on the device and the plain block loop back in place."""
+    runner = model.block_runner
+    previous = runner.streamer if isinstance(runner, StreamingRunner) else None
+    hosted = model.__dict__.setdefault("_host_copies", {})  # outlives a streamer whose re-plan failed half-way
+    if plan.empty and previous is None and not hosted:
         return None
-    streamer = BlockStreamer(model.blocks, plan, device)
+    streamer = BlockStreamer(model.blocks, plan, device, previous, on_block, hosted)
+    if plan.empty:
+        from engine.dit import run_blocks
+
+        model.block_runner = run_blocks
+        return None
     model.block_runner = StreamingRunner(streamer)
     log.info("offload: %d blocks swapped + %.2f GiB of other layers: %.2f GiB of %.2f GiB of block weights in host "
              "memory, streamed one block ahead", len(plan.swapped), (plan.host_bytes - sum(_bytes(model.blocks[i]) for i in plan.swapped)) / 2**30,

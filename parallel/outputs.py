@@ -51,6 +51,7 @@ def sidecar_meta(server, result: GenerationResult, index: int) -> dict:
         "sample_timesteps": list(req.sample_timesteps),
         "timesteps": result.info.get("timesteps", []),
         "loras": result.info.get("loras", {"loras": []}),
+        "memory_mode": result.info.get("memory_mode", st.memory_mode),
         "layout": {"world_size": rt.world_size, "cfg_size": req.cfg_size, "ring_size": req.ring_size,
                    "ulysses_size": req.ulysses_size},
         "fsdp": {"dit": st.dit_fsdp, "t5": st.t5_fsdp},

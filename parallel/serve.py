@@ -32,6 +32,7 @@ from parallel.apply import ParallelState, apply_layout
 from parallel.faults import EXIT_RESTART, ServerRestarting
 from parallel.layout import LayoutError
 from parallel.lora import LoraRefused, apply_request_loras
+from parallel.replan import MemoryModeRefused, apply_request_memory_mode
 from parallel.runtime import Runtime, exit_process, shutdown_runtime
 
 log = logging.getLogger("wan.serve")
@@ -147,16 +148,22 @@ class Server:
         outcome: Exception | None = None
         self.watch.begin(request_id)
         try:
+            mode = apply_request_memory_mode(self.state.memory, self.rt, req.blocks_to_swap, req.offload_percent,
+                                             faults.replan_fault(fault, self.rt.rank))  # every rank, agreed
             loras = apply_request_loras(self.pipe, self.rt, req.loras)  # every rank, before the first forward
             with faults.inject(self.pipe, fault, self.rt.rank):
                 result = self.pipe.generate(req, on_step=hook, decode=False)
                 result.info["loras"] = loras.to_dict()
+                if mode is not None:
+                    result.info["memory_mode"] = mode.to_dict()
                 if opts.get("decode", True):
                     self._decode(result, hook)
         except Cancelled as exc:
             outcome = Cancelled(str(exc))
         except LoraRefused as exc:
             outcome = LoraRefused(exc.rank, exc.error)
+        except MemoryModeRefused as exc:
+            outcome = MemoryModeRefused(exc.rank, exc.error)
         except RankFailed as exc:
             outcome = RankFailed(exc.rank, exc.step, exc.error)
         except Exception as exc:  # noqa: BLE001 - posted for every rank, agreed, then raised as RankFailed
@@ -268,7 +275,7 @@ class Server:
                 req = GenerationRequest(**msg["request"])
                 try:
                     self.execute(req, msg.get("options", {}))
-                except (Cancelled, RankFailed, LoraRefused) as exc:
+                except (Cancelled, RankFailed, LoraRefused, MemoryModeRefused) as exc:
                     log.info("rank %d: request ended: %s", self.rt.rank, exc)
                 finally:
                     trim_host_memory()
