@@ -24,7 +24,7 @@ def estimate_inputs(server, req: GenerationRequest) -> EstimateInputs:
     t5 = dict(getattr(t5_model, "config", None).to_dict()) if t5_model is not None else {}
     t5 = {k: t5[k] for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads") if k in t5}
     t5_place = "fsdp" if st.t5_fsdp else ("cpu" if cfg.t5_cpu else "gpu")
-    now = st.memory_mode or {"blocks_to_swap": cfg.blocks_to_swap, "offload_percent": cfg.offload_percent}
+    now = getattr(st, "memory_mode", None) or {"blocks_to_swap": cfg.blocks_to_swap, "offload_percent": cfg.offload_percent}
     swap = req.blocks_to_swap if req.blocks_to_swap is not None else now["blocks_to_swap"]
     pct = req.offload_percent if req.offload_percent is not None else now["offload_percent"]
     mode = MemoryMode(world_size=server.rt.world_size, dit_fsdp=st.dit_fsdp, blocks_to_swap=swap,

@@ -89,17 +89,17 @@ class HostStore:
             total += -(-n // 64) * 64  # 64-byte alignment for every view
         self.flat = torch.empty(max(total, 1), dtype=torch.uint8)
         self.nbytes = total
-        self.views: list[Tensor] = []
-        for t, off, n in zip(tensors, offsets, sizes):
-            view = self.flat[off : off + n].view(t.dtype).view(t.shape)
-            view.copy_(t.detach().to("cpu"))
-            self.views.append(view)
         self.registered = False
-        if pin and total:
+        if pin and total:  # pinned first: the copies below are then direct DMA from the GPU (no staging copy)
             err = torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), total, 0)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {total / 2**20:.1f} MiB failed with CUDA error {int(err)}")
             self.registered = True
+        self.views: list[Tensor] = []
+        for t, off, n in zip(tensors, offsets, sizes):
+            view = self.flat[off : off + n].view(t.dtype).view(t.shape)
+            view.copy_(t.detach())
+            self.views.append(view)
 
     def close(self) -> None:
         """Unpin the buffer (before it is freed)."""
