@@ -333,3 +333,71 @@ def merge_config(preset: dict[str, Any] | None, cli: dict[str, Any]) -> RunConfi
         values["sample_timesteps"] = ",".join(str(t) for t in ts)
     values["cli_keys"] = tuple(sorted(cli))
     return RunConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# early checks: the same rules the server applies to requests, before torch or any file is loaded
+# ----------------------------------------------------------------------------------------------------
+_REQUEST_KEYS = ("prompt", "negative_prompt", "frame_num", "sample_steps", "sample_shift", "sample_guide_scale",
+                 "base_seed", "batch_size", "ulysses_size", "ring_size", "cfg_size", "teacache", "offload_percent",
+                 "sample_timesteps")
+_MAX_SIDE = 1920
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Refuse values no model could take, with a RequestError naming the flag (field) and the allowed values.
+
+    Runs on the merged config (defaults < preset < CLI), before torch.distributed or any file is loaded; the
+    checks that need the model (its sizes, heads, block count) follow once its file has been opened."""
+    from engine.request import RequestError, RequestLimits, _number, parse_size, validate_request
+
+    for name, allowed in _CHOICES.items():  # a preset's values did not go through argparse
+        value = getattr(cfg, name)
+        if value is not None and value not in allowed:
+            raise RequestError(name, f"must be one of {', '.join(allowed)}, got {str(value)[:40]!r}")
+    if str(cfg.log_level).upper() not in LOG_LEVELS:
+        raise RequestError("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {str(cfg.log_level)[:40]!r}")
+    if cfg.size is not None:
+        try:
+            parse_size(cfg.size, RequestLimits(model="any", sizes=(), any_multiple_of_16=True, max_side=_MAX_SIDE))
+        except RequestError:
+            raise RequestError("size", f"must be W*H with W and H multiples of 16 between 16 and {_MAX_SIDE} "
+                                       f"(14B: 1280*720, 720*1280, 832*480, 480*832; 1.3B: 832*480, 480*832; the "
+                                       f"tiny model: any), got {str(cfg.size)[:40]!r}") from None
+    defaults: dict[str, Any] = {k: getattr(cfg, k) for k in _REQUEST_KEYS if getattr(cfg, k) is not None}
+    defaults.setdefault("prompt", "x")  # the page's requests bring their own prompt
+    defaults["size"] = "16*16"  # checked above
+    defaults["sample_solver"] = ("euler" if cfg.sample_timesteps and "sample_solver" not in cfg.cli_keys
+                                 else cfg.sample_solver)  # as engine.factory.model_info sets it
+    raw = {**headless_request(cfg), "size": None} if cfg.prompt is not None else {}
+    validate_request(raw, RequestLimits(model="any", sizes=(), any_multiple_of_16=True), defaults)
+    _at_least("blocks_to_swap", cfg.blocks_to_swap, 0, integer=True)
+    if cfg.world_size is not None:
+        _at_least("world_size", cfg.world_size, 1, integer=True)
+    _number("port", cfg.port, 0, 65535, integer=True)
+    _at_least("queue_size", cfg.queue_size, 1, integer=True)
+    _at_least("dist_timeout", cfg.dist_timeout, 0, integer=False, lo_open=True)
+    _at_least("heartbeat_timeout", cfg.heartbeat_timeout, 0, integer=False, lo_open=True)
+    _at_least("fault_grace", cfg.fault_grace, 0, integer=False)
+
+
+def _at_least(name: str, value: Any, lo: float, integer: bool, lo_open: bool = False) -> None:
+    """`value` a number ≥ lo (> lo with lo_open), else a RequestError naming the field."""
+    from engine.request import RequestError, _number
+
+    try:
+        _number(name, value, lo, 1e12, integer=integer, lo_open=lo_open)
+    except RequestError:
+        kind = "an integer" if integer else "a number"
+        bound = "greater than" if lo_open else "at least"
+        raise RequestError(name, f"must be {kind} {bound} {lo:g}, got {str(value)[:40]}") from None
+
+
+def headless_request(cfg: RunConfig) -> dict[str, Any]:
+    """The raw request of a headless run (--prompt): the request flags, as the server validates them."""
+    raw = {k: getattr(cfg, k) for k in ("prompt", "negative_prompt", "size", "frame_num", "sample_steps",
+                                        "sample_shift", "sample_guide_scale", "sample_solver", "base_seed",
+                                        "batch_size", "ulysses_size", "ring_size", "cfg_size", "teacache")}
+    if cfg.sample_timesteps and "sample_solver" not in cfg.cli_keys and cfg.sample_solver == "unipc":
+        raw["sample_solver"] = None  # explicit timesteps take the distilled Euler update unless a solver was asked
+    return raw
