@@ -47,9 +47,10 @@ browser_tests_selected() {  # the whole suite, tests/, or tests/test_browser.py 
   done
   [[ "$named" == 0 || "$picked" == 1 ]]
 }
-if [[ "$MODE" == test ]] && browser_tests_selected && [[ ! -x /usr/bin/chromium ]]; then
+CHROMIUM="${LAUNCH_CHROMIUM:-/usr/bin/chromium}"  # the path tests/test_browser.py uses (overridable for a test)
+if [[ "$MODE" == test ]] && browser_tests_selected && [[ ! -x "$CHROMIUM" ]]; then
   found="$(command -v chromium chromium-browser google-chrome 2>/dev/null | head -1 || true)"
-  echo "[launch] the browser tests (tests/test_browser.py) need Chromium at /usr/bin/chromium, which is missing${found:+ (found $found, which they do not use)}." >&2
+  echo "[launch] the browser tests (tests/test_browser.py) need Chromium at $CHROMIUM, which is missing${found:+ (found $found, which they do not use)}." >&2
   echo "[launch] install it: sudo apt-get install -y chromium   (Debian; Ubuntu: the chromium snap or Debian's package)" >&2
   echo "[launch] or run the rest: ./launch.sh test --ignore=tests/test_browser.py" >&2
   exit 2
