@@ -94,7 +94,7 @@ _CHOICES = {
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # flag groups of --help, in order: (title, description, field names)
-GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+GROUPS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
     ("model files", "which weights are loaded (none found in model_dir: the embedded tiny model, random weights)",
      ("model_dir", "ckpt_dir", "dit", "t5", "vae", "tokenizer", "task", "dtype", "lora")),
     ("request defaults", "the start-up values of every request; the page and the /generate API change them per "
@@ -255,7 +255,7 @@ def flag_help(name: str) -> str:
 _FIELDS = {f.name: f for f in fields(RunConfig) if f.name != "cli_keys"}
 
 
-def name_upper(name: str) -> str:
+def _choice_metavar(name: str) -> str:
     """A metavar from a field name: attention → ATTENTION, sample_solver → SOLVER."""
     return name.rsplit("_", 1)[-1].upper() if name != "teacache_cache_device" else "DEVICE"
 
@@ -311,7 +311,7 @@ def _add_flag(g: argparse._ActionsContainer, f: dataclasses.Field, names: list[s
         t = _flag_type(f)
         choices = _CHOICES.get(f.name)
         if metavar is None:
-            metavar = name_upper(f.name) if choices else {int: "N", float: "X"}.get(t, "TEXT")
+            metavar = _choice_metavar(f.name) if choices else {int: "N", float: "X"}.get(t, "TEXT")
         g.add_argument(*names, dest=f.name, type=t, choices=choices, metavar=metavar, help=help_)
 
 
