@@ -12,14 +12,14 @@ import secrets
 import sys
 from pathlib import Path
 
-from engine.cli import RunConfig, cli_overrides, merge_config
+from engine.cli import USAGE, RunConfig, check_config, cli_overrides, headless_request, merge_config
 from engine.request import RequestError
 
 log = logging.getLogger("wan.app")
 
 
 def load_config(argv: list[str] | None) -> RunConfig:
-    """defaults < preset < CLI."""
+    """defaults < preset < CLI, checked (a RequestError names the flag) before anything is loaded."""
     cli = cli_overrides(argv)
     preset = None
     if cli.get("preset") and cli["preset"] != "auto":  # auto is resolved once the GPUs are known
@@ -30,6 +30,7 @@ def load_config(argv: list[str] | None) -> RunConfig:
     from engine.request import parse_timesteps
 
     parse_timesteps(cfg.sample_timesteps)  # a bad list stops every rank before loading
+    check_config(cfg)  # the request rules (frame_num 4n+1, ...) on the request defaults
     if cfg.lora:
         from engine.lora import cli_loras
 
@@ -37,16 +38,23 @@ def load_config(argv: list[str] | None) -> RunConfig:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    from parallel.runtime import LaunchError
+def flag_error(exc: Exception) -> str:
+    """An argparse-style message: 'app.py: error: --frame_num: must be 4n+1 ...' (the flag named when known)."""
+    text = f"--{exc}" if isinstance(exc, RequestError) and not str(exc).startswith("-") else str(exc)
+    return f"usage: {USAGE}\napp.py: error: {text}"
 
-    try:
+
+def main(argv: list[str] | None = None) -> int:
+    try:  # before torch is imported: a bad flag costs a fraction of a second, not a model load
         cfg = load_config(argv)
         if cfg.prompt is None:
             parse_auth(cfg)  # a bad --auth / --auth_file stops every rank before the models load
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(flag_error(exc), file=sys.stderr)
         return 2
+    if os.environ.get("WAN_CHECK_FLAGS") == "1":  # ./launch.sh checks the flags once before starting torchrun
+        return 0
+    from parallel.runtime import LaunchError
     from parallel.serve import start_server
 
     try:
@@ -119,11 +127,7 @@ def serve_ui(server, cfg: RunConfig) -> None:
 
 def headless(server, cfg: RunConfig) -> int:
     """One request from the command line, through the same Dispatcher the UI uses."""
-    raw = {k: getattr(cfg, k) for k in ("prompt", "negative_prompt", "size", "frame_num", "sample_steps",
-                                        "sample_shift", "sample_guide_scale", "sample_solver", "base_seed",
-                                        "batch_size", "ulysses_size", "ring_size", "cfg_size", "teacache")}
-    if cfg.sample_timesteps and "sample_solver" not in cfg.cli_keys and cfg.sample_solver == "unipc":
-        raw["sample_solver"] = None  # explicit timesteps take the distilled Euler update unless a solver was asked
+    raw = headless_request(cfg)
     try:
         out = server.dispatcher.submit(raw, save_file=cfg.save_file, save_latents=cfg.save_latents)
     except RequestError as exc:

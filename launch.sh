@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wan2.1 text-to-video launcher.
+# Wan2.1 text-to-video launcher (./launch.sh --help lists every flag, the launcher's and app.py's).
 #   ./launch.sh [app flags]          create .venv on first use, then start the app on every visible GPU
 #   ./launch.sh test [pytest args]   same environment plus test extras, run the test suite on CPU
 # Launcher flags: --no-venv (or LAUNCH_NO_VENV=1) uses the current python3; --nproc N overrides the
@@ -32,8 +32,40 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+# The browser tests (tests/test_browser.py) drive Chromium at /usr/bin/chromium: say so before a long run fails.
+browser_tests_selected() {  # the whole suite, tests/, or tests/test_browser.py named (and not --ignore'd)
+  local a prev="" named=0 picked=0
+  for a in "${APP_ARGS[@]}"; do
+    case "$prev:$a" in
+      --ignore:tests/test_browser.py|*:--ignore=tests/test_browser.py) return 1 ;;
+      --ignore:*|--deselect:*|-k:*|-m:*|-p:*|-c:*|-o:*|--rootdir:*) ;;
+      *:tests|*:tests/|*:./tests|*:./tests/|*:tests/test_browser.py*) named=1; picked=1 ;;
+      *:-*) ;;
+      *) named=1 ;;
+    esac
+    prev="$a"
+  done
+  [[ "$named" == 0 || "$picked" == 1 ]]
+}
+CHROMIUM="${LAUNCH_CHROMIUM:-/usr/bin/chromium}"  # the path tests/test_browser.py uses (overridable for a test)
+if [[ "$MODE" == test ]] && browser_tests_selected && [[ ! -x "$CHROMIUM" ]]; then
+  found="$(command -v chromium chromium-browser google-chrome 2>/dev/null | head -1 || true)"
+  echo "[launch] the browser tests (tests/test_browser.py) need Chromium at $CHROMIUM, which is missing${found:+ (found $found, which they do not use)}." >&2
+  echo "[launch] install it: sudo apt-get install -y chromium   (Debian; Ubuntu: the chromium snap or Debian's package)" >&2
+  echo "[launch] or run the rest: ./launch.sh test --ignore=tests/test_browser.py" >&2
+  exit 2
+fi
+
 # ---- environment ----------------------------------------------------------------------------------
 VENV="${WAN_VENV:-$ROOT/.venv}"
+if [[ "$MODE" == run ]]; then
+  for a in "${APP_ARGS[@]}"; do
+    if [[ "$a" == -h || "$a" == --help ]]; then  # app.py's parser needs no packages: no venv set-up for --help
+      if [[ -x "$VENV/bin/python" ]]; then exec "$VENV/bin/python" app.py --help; fi
+      exec "${PYTHON:-python3}" app.py --help
+    fi
+  done
+fi
 REQ=requirements.txt
 [[ "$MODE" == test ]] && REQ=requirements-test.txt
 req_hash() { cat requirements.txt "$1" | sha256sum | cut -c1-16; }
@@ -68,6 +100,10 @@ fi
 # Few malloc arenas: the web server runs requests on many short-lived threads, and glibc's default (8 per
 # core) keeps each one's freed memory; 2 keeps the server's RSS flat (docs/RELIABILITY.md). Override by setting it.
 export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
+
+# Check app.py's flags once, in a fraction of a second (no torch, no model): a bad one is reported once,
+# before torch is imported to count the GPUs, and torchrun never restarts a gang for it.
+WAN_CHECK_FLAGS=1 "$PY" app.py "${APP_ARGS[@]}" || exit $?
 
 # ---- how many ranks --------------------------------------------------------------------------------
 if [[ -z "$NPROC" ]]; then

@@ -269,5 +269,5 @@ def test_headless_run_with_a_lora_flag_and_the_distilled_preset(tiny_server, tin
     bad = run_app(["--prompt", "a fox", "--model_dir", str(tmp_path / "models"), "--lora", "nope.safetensors"],
                   tiny_model_dir)
     assert bad.returncode == 2
-    assert (f"error: lora: LoRA file not found: 'nope.safetensors' is neither a file nor a LoRA in "
+    assert (f"error: --lora: LoRA file not found: 'nope.safetensors' is neither a file nor a LoRA in "
             f"{tmp_path / 'models' / 'loras'}") in bad.stderr
