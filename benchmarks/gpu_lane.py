@@ -332,6 +332,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--size", default=None, help="request size W*H (default 832*480; 208*144 with --smoke)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/gpu_lane_<gpu>.json)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--only", default=None, help="comma-separated case names to run (of the parts chosen)")
@@ -347,7 +348,7 @@ def main() -> None:
     out_path = Path(a.out or ROOT / "benchmarks" / "results" / f"gpu_lane_{tag}.json")
     say(f"GPU lane on {gpu}, torch {torch.__version__}, parts {a.part}, work {work}")
     m = write_models(work / "models", a.smoke, "cuda" if a.device == "cuda" else "cpu")
-    size = "208*144" if a.smoke else "832*480"
+    size = a.size or ("208*144" if a.smoke else "832*480")
     req = {"prompt": "a red fox running through fresh snow", "size": size, "frame_num": a.frames,
            "sample_steps": a.steps, "base_seed": 7}
     cal = ([{"size": "208*144", "frame_num": 9}] if a.smoke else
