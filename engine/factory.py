@@ -14,7 +14,7 @@ from engine.loading import open_dit
 from engine.lora import cli_loras
 from engine.model_files import ModelFiles, find_model_files
 from engine.request import RequestLimits
-from engine.tiny import RANDOM_WEIGHTS_NOTICE, default_tiny_dir, ensure_tiny_model
+from engine.tiny import RANDOM_FILES_NOTICE, RANDOM_WEIGHTS_NOTICE, default_tiny_dir, ensure_tiny_model
 
 log = logging.getLogger("wan.factory")
 
@@ -34,7 +34,7 @@ def resolve_files(cfg: RunConfig) -> ModelFiles:
     if files is not None:
         if marked_random(files.dit):
             files.random_weights = True
-            log.warning(RANDOM_WEIGHTS_NOTICE)
+            log.warning(RANDOM_FILES_NOTICE.format(path=files.dit))
         return files
     root = ensure_tiny_model(default_tiny_dir(cfg.model_dir))
     log.warning(RANDOM_WEIGHTS_NOTICE)

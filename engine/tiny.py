@@ -29,6 +29,10 @@ TINY_T5 = {"vocab_size": 2048, "d_model": 64, "num_layers": 2, "num_heads": 4, "
 DIT_FILE = "wan2.1_t2v_tiny_random.safetensors"
 T5_FILE = "umt5_tiny_random.safetensors"
 VAE_FILE = "wan_2.1_vae_tiny_random.safetensors"
+RANDOM_FILES_NOTICE = (
+    "{path} holds RANDOM weights (marked random_weights in its metadata: written by the tiny-model or benchmark "
+    "generators): everything runs at this model's real size, but its videos are noise."
+)
 RANDOM_WEIGHTS_NOTICE = (
     "No Wan2.1 weights were found, so the embedded TINY model with RANDOM weights is loaded: "
     "it exercises every part of the app, but its videos are noise. Put real weights in models/ "

@@ -21,7 +21,7 @@ from tests.conftest import production_pipeline
 from tests.multirank import ROOT, gang_env
 
 SIDECAR_FIELDS = {"prompt", "negative_prompt", "seed", "size", "frame_num", "steps", "guidance", "shift", "solver",
-                  "model", "random_weights", "dit_forwards", "timings", "peak_memory_gib"}
+                  "model", "random_weights", "dit_forwards", "timings", "peak_memory_gib", "memory_mode"}
 
 
 def run_app(args, tiny_dir, cwd=ROOT, timeout=300):
@@ -45,6 +45,8 @@ def test_headless_run_writes_mp4_sidecar_and_latents(tiny_model_dir, tmp_path):
             meta["solver"]) == (42, "208*144", 9, 3, 4.5, 3.0, "euler")
     assert meta["random_weights"] is True and meta["dit_forwards"] == 6 and isinstance(meta["dit_forwards"], int)
     assert meta["negative_prompt"].startswith("色调艳丽")
+    assert meta["memory_mode"] == {"blocks_to_swap": 0, "offload_percent": 0.0, "host_blocks": 0, "host_gib": 0.0,
+                                   "replan_s": 0.0}
     tensors = load_file(str(lat))
     assert list(tensors) == ["latents"] and tensors["latents"].shape == (1, 16, 3, 18, 26)
     assert "RANDOM weights" in proc.stderr
