@@ -46,6 +46,10 @@ def main() -> None:
                 page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(args.out))
             b.close()
+    from PIL import Image
+
+    small = Image.open(args.out).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+    small.save(args.out, optimize=True)  # a palette PNG: well under 300 KB
     print(args.out, args.out.stat().st_size, "bytes")
 
 
