@@ -355,11 +355,11 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
                                              elem_id="preset", info="fills the controls it can")
                         fixed = world == 1
                         layout_info = ONE_RANK_NOTE if fixed else f"cfg × ring × ulysses = {plural(world, 'rank')}"
-                        ulysses = gr.Slider(1, max(world, 1), value=lay.ulysses, step=1, precision=0,
+                        ulysses = gr.Slider(1, max(world, 2), value=lay.ulysses, step=1, precision=0,
                                             label="Ulysses size (ulysses_size)", elem_id="ulysses",
                                             interactive=not fixed and st.use_context_parallel,
                                             info=f"splits the {info.num_heads} heads: must divide them")
-                        ring = gr.Slider(1, max(world, 1), value=lay.ring, step=1, precision=0,
+                        ring = gr.Slider(1, max(world, 2), value=lay.ring, step=1, precision=0,
                                          label="Ring size (ring_size)", elem_id="ring",
                                          interactive=not fixed and st.use_context_parallel, info=layout_info)
                         cfg_size = gr.Radio([1, 2], value=lay.cfg, label="CFG parallel (cfg_size)", elem_id="cfg",

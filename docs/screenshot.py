@@ -40,7 +40,7 @@ def main() -> None:
                 page.locator("#size input").first.click()
                 page.get_by_role("option", name=SMALL["size"], exact=True).click()
                 page.click("#generate")
-                page.wait_for_function("() => /^Done/.test(document.querySelector('#status').innerText)",
+                page.wait_for_function("() => /^Done/.test(document.querySelector('#status textarea').value)",
                                        timeout=120_000)
                 page.wait_for_timeout(1000)
                 page.evaluate("window.scrollTo(0, 0)")
