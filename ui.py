@@ -25,7 +25,15 @@ import gradio as gr
 from engine.cli import RunConfig
 from engine.lora import STRENGTH_RANGE, list_loras
 from engine.pipeline import Cancelled
-from engine.request import MAX_BATCH, MAX_FRAMES, MAX_PROMPT_CHARS, MAX_STEPS, RequestError, parse_timesteps
+from engine.request import (
+    MAX_BATCH,
+    MAX_FRAMES,
+    MAX_PROMPT_CHARS,
+    MAX_STEPS,
+    RequestError,
+    parse_timesteps,
+    validate_request,
+)
 from engine.tiny import RANDOM_WEIGHTS_NOTICE
 from engine.video import read_sidecar
 from parallel.faults import ServerRestarting
@@ -66,11 +74,13 @@ REQUEST_KEYS = ("negative_prompt", "size", "frame_num", "sample_steps", "sample_
                 "sample_solver", "base_seed", "batch_size", "teacache", "sample_timesteps", "offload_percent",
                 "blocks_to_swap")
 LAYOUT_KEYS = LAYOUT_FIELDS
+MEMORY_KEYS = ("offload_percent", "blocks_to_swap")  # per request; the engine re-plans the weights when they change
 # The form's inputs of /generate, in the order of Controller.generate's parameters (the API's names).
 FORM_KEYS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
              "base_seed", "sample_solver", "batch_size", "ulysses_size", "ring_size", "cfg_size", "offload_percent",
              "blocks_to_swap", "teacache", "loras", "sample_timesteps")
-# What a history item restores, in the order of Controller.show_history's outputs after the video's four.
+# What a history item restores, in the order of Controller.show_history's outputs after video, files, seed,
+# sidecar and status.
 RESTORE_KEYS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
                 "sample_solver", "base_seed", "batch_size", "teacache", "sample_timesteps", *LAYOUT_FIELDS,
                 "offload_percent", "blocks_to_swap")
@@ -124,6 +134,9 @@ class Controller:
                    "teacache": teacache, "ulysses_size": ulysses_size, "ring_size": ring_size, "cfg_size": cfg_size,
                    "offload_percent": offload_percent, "blocks_to_swap": blocks_to_swap, "loras": loras,
                    "sample_timesteps": timesteps}
+            # the field checks first: layout_for (in dispatcher.validate) takes only numbers, never "2" or 2.0
+            req = validate_request(raw, self.info.limits, self.info.defaults)
+            raw.update({k: getattr(req, k) for k in (*LAYOUT_FIELDS, *MEMORY_KEYS) if raw[k] is not None})
             raw["sample_steps"] = self.dispatcher.validate(raw).sample_steps  # null → the default, for the progress bar
         except RequestError as exc:
             raise field_error(layout_field(exc)) from None
@@ -248,7 +261,7 @@ class Controller:
     def show_history(self, paths: list[str], evt: gr.SelectData):
         """A history item back on the page: its video and files, and its settings in the form."""
         if evt is None or not paths or not 0 <= evt.index < len(paths):
-            return tuple(gr.skip() for _ in range(4 + len(RESTORE_KEYS)))
+            return tuple(gr.skip() for _ in range(5 + len(RESTORE_KEYS)))
         video = paths[evt.index]
         try:
             meta = read_sidecar(video)
@@ -257,7 +270,8 @@ class Controller:
         sidecar = str(Path(video).with_suffix(".json"))
         files = [video, sidecar] if Path(sidecar).exists() else [video]
         form = restored_form(meta, self.state)
-        return (video, files, str(meta.get("seed", "")), meta, *[form.get(k, gr.skip()) for k in RESTORE_KEYS])
+        shown = f"Showing {Path(video).name} from the history; its settings are back in the form."
+        return (video, files, str(meta.get("seed", "")), meta, shown, *[form.get(k, gr.skip()) for k in RESTORE_KEYS])
 
     def apply_preset(self, name: str | None):
         """The preset's request settings into the form (layout sizes where they fit this gang); its start-up
@@ -413,7 +427,7 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("History"):
                 history = gr.Gallery(label="Earlier generations (newest first; click one to restore its settings)",
-                                     columns=6, height="auto", object_fit="contain", elem_id="history",
+                                     columns=6, height=200, object_fit="contain", elem_id="history",
                                      allow_preview=False)
                 history_paths = gr.State([])
             with gr.Tab("Cluster", elem_id="cluster-tab"):
@@ -445,7 +459,7 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
                        swap, ulysses, ring, cfg_size, preset_note],
                       **private)
         history.select(ctl.show_history, history_paths,
-                       [video, files, seed_used, details, prompt, negative, size, frames, steps, guide, shift, solver,
+                       [video, files, seed_used, details, status, prompt, negative, size, frames, steps, guide, shift, solver,
                         seed, batch, teacache, timesteps, ulysses, ring, cfg_size, offload, swap], **private)
         demo.load(ctl.panels, None, [history, history_paths, cluster], **private)
     ctl.is_waiting = lambda session: waiting_in_queue(demo, session)

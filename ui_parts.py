@@ -248,7 +248,7 @@ def start_up_facts(server) -> list[tuple[str, str, str]]:
         ("model", f"{info.key} · {info.num_layers} layers · {info.num_heads} heads · "
                   f"{str(info.dtype).replace('torch.', '')}", "--model_dir / --ckpt_dir"),
         ("default layout", str(lay), "per request: the sliders; default: --ulysses_size / --ring_size"),
-        ("context parallel", f"{'on' if st.use_context_parallel and lay.sp > 1 else 'off'} (ulysses × ring = {lay.sp})",
+        ("context parallel (default layout)", f"{'on' if st.use_context_parallel and lay.sp > 1 else 'off'} (ulysses × ring = {lay.sp})",
          "on when a request's ulysses × ring > 1"),
         ("FSDP", f"DiT {fmt_value(st.dit_fsdp)} · T5 {fmt_value(st.t5_fsdp)}",
          "--use_fsdp (or --dit_fsdp / --t5_fsdp) or a preset; needs 2+ ranks"),

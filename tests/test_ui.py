@@ -248,6 +248,9 @@ def test_generate_refuses_an_invalid_layout_naming_the_field(fake_14b_server):
     assert (raw["offload_percent"], raw["blocks_to_swap"]) == (0.25, 20)  # passed through to the dispatcher
     req = ctl.dispatcher.validate(raw)
     assert (req.offload_percent, req.blocks_to_swap) == (0.25, 20)
+    raw = ctl.raw_request(**form(ulysses_size="2", ring_size=2.0, cfg_size=" 1 ", offload_percent="0.5"))
+    assert (raw["ulysses_size"], raw["ring_size"], raw["cfg_size"], raw["offload_percent"]) == (2, 2, 1, 0.5)
+    assert all(type(raw[k]) is int for k in ("ulysses_size", "ring_size", "cfg_size"))  # numbers for layout_for
 
 
 def test_an_error_sets_the_status_line_to_the_error(fake_14b_server):
@@ -301,7 +304,7 @@ def test_build_ui_for_14b_on_4_ranks_offers_its_sizes_sliders_and_start_up_facts
     assert sorted(read_only) == ["Seed used", "Status"]  # start-up facts are text in the cluster panel, not inputs
     cluster = props["cluster"]["value"]
     assert "<th>world size</th><td>4 ranks on 1 node</td>" in cluster
-    assert "<th>context parallel</th><td>on (ulysses × ring = 4)</td>" in cluster
+    assert "<th>context parallel (default layout)</th><td>on (ulysses × ring = 4)</td>" in cluster
     assert "blocks_to_swap 0 · offload_percent 0" in cluster and "True" not in cluster and "False" not in cluster
     presets = [v for _, v in props["preset"]["choices"]]
     assert "auto" in presets and "balanced" in presets
@@ -344,6 +347,7 @@ def test_preset_fills_request_controls_and_explains_start_up_ones(fake_14b_serve
     assert "True" not in note and "False" not in note
     assert "It is made for 8 ranks; this server runs 4 ranks" in note and "./launch.sh --nproc 8 --preset 8gpu_distributed" in note
     assert "does not fit this gang" in note  # ulysses 2 × ring 4 needs 8 ranks
+    assert "Valid for 4 ranks" in note
     *values, note = ctl.apply_preset("auto")  # a stand-in server without model files: nothing to fill
     assert "auto" in note
     *values, note = ctl.apply_preset("(start-up settings)")
