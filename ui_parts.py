@@ -58,6 +58,12 @@ def done_text(out) -> str:
     parts = [f"Done: {plural(n, 'video')} in {fmt_seconds(t.get('total_s', 0))}",
              f"denoise {fmt_seconds(t.get('denoise_s', 0))} ({t.get('per_step_s', 0):.2f} s/step)",
              f"VAE decode {fmt_seconds(t.get('vae_decode_s', 0))}", f"seed {out.request.base_seed}"]
+    mode = out.meta.get("memory_mode")
+    if isinstance(mode, dict) and "blocks_to_swap" in mode:
+        text = f"blocks_to_swap {mode['blocks_to_swap']}, offload_percent {fmt_value(mode.get('offload_percent', 0))}"
+        if (mode.get("replan_s") or 0) > 0:
+            text += f" (weights re-planned in {fmt_seconds(mode['replan_s'])})"
+        parts.append(text)
     return " · ".join(parts)
 
 

@@ -373,7 +373,13 @@ def test_history_item_restores_the_form_from_its_sidecar(fake_14b_server):
 
 
 def test_words_on_the_page_are_plain():
-    from ui_parts import fmt_value, plural
+    from ui_parts import done_text, fmt_value, plural
+
+    out = SimpleNamespace(videos=["a.mp4"], request=SimpleNamespace(base_seed=7),
+                          meta={"timings": {"total_s": 3.0, "denoise_s": 2.0, "per_step_s": 1.0, "vae_decode_s": 1.0},
+                                "memory_mode": {"blocks_to_swap": 20, "offload_percent": 0.0, "replan_s": 2.5}})
+    assert done_text(out) == ("Done: 1 video in 3.0 s · denoise 2.0 s (1.00 s/step) · VAE decode 1.0 s · seed 7 · "
+                              "blocks_to_swap 20, offload_percent 0 (weights re-planned in 2.5 s)")
 
     assert (plural(1, "rank"), plural(2, "rank")) == ("1 rank", "2 ranks")
     assert (fmt_value(True), fmt_value(False), fmt_value(0.0), fmt_value(0.25)) == ("true", "false", "0", "0.25")
