@@ -36,6 +36,9 @@ FIELDS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sam
 LAYOUT_FIELDS = ("ulysses_size", "ring_size", "cfg_size")
 # Any field name a validation error may start with ("layout": the product of the three layout sizes).
 ERROR_FIELDS = (*FIELDS, "layout")
+# Refusals of a combination name one field while another changed: the layout product names "layout"; explicit
+# sample_timesteps need sample_solver euler and sample_steps equal to their count.
+CROSS_FIELD = {"layout": set(LAYOUT_FIELDS), "sample_solver": {"sample_timesteps"}, "sample_steps": {"sample_timesteps"}}
 BUSY = "Queue is full"
 
 
@@ -386,7 +389,7 @@ def judge(answer: Answer, data: list[Any], changed: set[str], tally: FuzzTally) 
         tally.busy += 1
     elif answer.kind == "error" and answer.error and answer.error.split(":", 1)[0] in ERROR_FIELDS:
         named = answer.error.split(":", 1)[0]
-        if named in changed or (named == "layout" and changed & set(LAYOUT_FIELDS)):
+        if named in changed or changed & CROSS_FIELD.get(named, set()):
             tally.field_errors += 1
         else:
             tally.bad.append(f"error names {named!r} but only {sorted(changed)} changed: {short(data)} -> {answer.error[:200]!r}")

@@ -314,6 +314,10 @@ def test_build_ui_for_14b_on_4_ranks_offers_its_sizes_sliders_and_start_up_facts
     assert names == ["prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale",
                      "sample_shift", "base_seed", "sample_solver", "batch_size", "ulysses_size", "ring_size",
                      "cfg_size", "offload_percent", "blocks_to_swap", "teacache", "loras", "sample_timesteps"]
+    from tests.reliability_util import FIELDS
+    from ui import FORM_KEYS
+
+    assert tuple(names) == FORM_KEYS == FIELDS  # the fuzz attacks exactly the API's parameters, in its order
 
 
 def test_one_rank_fixes_the_layout_sliders_with_a_note(fake_14b_server, tmp_path, monkeypatch):
