@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -156,6 +157,11 @@ def running(job, min_step: int = 1, timeout: float = 90) -> None:
     def past() -> bool:
         st = job.status()
         assert not job.done(), f"the job ended before it was seen running: {st}"
+        # every yield's status line is kept ("step 3/40 · …"): no luck needed to catch a short PROGRESS state
+        for out in job.outputs():
+            step = re.match(r"step (\d+)/", str(out[4])) if isinstance(out, (list, tuple)) and len(out) > 4 else None
+            if step and int(step.group(1)) >= min_step:
+                return True
         data = st.progress_data or []
         return st.code == Status.PROGRESS and bool(data) and (data[0].index or 0) >= min_step
 
