@@ -2,7 +2,8 @@
 
 It talks to the gang only through `server.dispatcher` (validate / submit / cancel / info) and reads
 `server.state`, `server.cfg` and `server.last_memory` for the cluster panel. Every value a browser or an
-API client sends is checked by `dispatcher.validate`; a refusal is a `gr.Error` naming the field.
+API client sends is checked by `dispatcher.validate`; a refusal is a `gr.Error` naming the field. The pure
+helpers (text, HTML, the layout sliders' rules) are in ui_parts.py; docs/UI.md describes the page.
 """
 
 from __future__ import annotations
@@ -21,193 +22,73 @@ from typing import Any
 
 import gradio as gr
 
-from engine.cli import ATTENTION_BACKENDS, RunConfig
+from engine.cli import RunConfig
 from engine.lora import STRENGTH_RANGE, list_loras
 from engine.pipeline import Cancelled
-from engine.request import MAX_BATCH, MAX_FRAMES, MAX_PROMPT_CHARS, MAX_STEPS, RequestError, parse_timesteps
+from engine.request import (
+    MAX_BATCH,
+    MAX_FRAMES,
+    MAX_PROMPT_CHARS,
+    MAX_STEPS,
+    RequestError,
+    parse_timesteps,
+    validate_request,
+)
 from engine.tiny import RANDOM_WEIGHTS_NOTICE
-from engine.video import list_history, read_sidecar
+from engine.video import read_sidecar
 from parallel.faults import ServerRestarting
-from parallel.layout import LayoutError, valid_layouts
-from parallel.serve import RankFailed, memory_report
+from parallel.layout import LayoutError
+from parallel.serve import RankFailed
 from presets import available_presets, load_preset
+from ui_parts import (
+    LAYOUT_FIELDS,
+    LORA_SLOTS,
+    ONE_RANK_NOTE,
+    adjust_layout,
+    auto_preset,
+    check_layout_sizes,
+    chosen_loras,
+    cluster_html,
+    done_text,
+    field_error,
+    fmt_seconds,
+    fmt_value,
+    history_items,
+    int_or_none,
+    layout_field,
+    lora_slots,
+    memory_mode,
+    plural,
+    progress_text,
+    restored_form,
+    server_checked,
+    waiting_in_queue,
+)
 
 log = logging.getLogger("wan.ui")
 
-HISTORY_LIMIT = 24
 NO_PRESET = "(start-up settings)"
+AUTO_PRESET = "auto"  # presets/auto.py: computed, not a JSON file
 # Settings a request can change; everything else in a preset applies at start-up only.
 REQUEST_KEYS = ("negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
-                "sample_solver", "base_seed", "batch_size", "teacache", "sample_timesteps")
-LAYOUT_KEYS = ("ulysses_size", "ring_size", "cfg_size")
-LORA_SLOTS = 4  # strength sliders on the page (a request takes at most engine.request.MAX_LORAS)
+                "sample_solver", "base_seed", "batch_size", "teacache", "sample_timesteps", "offload_percent",
+                "blocks_to_swap")
+LAYOUT_KEYS = LAYOUT_FIELDS
+MEMORY_KEYS = ("offload_percent", "blocks_to_swap")  # per request; the engine re-plans the weights when they change
+# The form's inputs of /generate, in the order of Controller.generate's parameters (the API's names).
+FORM_KEYS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
+             "base_seed", "sample_solver", "batch_size", "ulysses_size", "ring_size", "cfg_size", "offload_percent",
+             "blocks_to_swap", "teacache", "loras", "sample_timesteps")
+# What a history item restores, in the order of Controller.show_history's outputs after video, files, seed,
+# sidecar and status.
+RESTORE_KEYS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
+                "sample_solver", "base_seed", "batch_size", "teacache", "sample_timesteps", *LAYOUT_FIELDS,
+                "offload_percent", "blocks_to_swap")
 
 
-# -- form inputs that leave every check to dispatcher.validate ----------------------------------------------
-def server_checked(component: gr.components.Component) -> None:
-    """Skip Gradio's own range/choice check on this input: every value then reaches dispatcher.validate,
-    whose refusal names the field and the allowed values (Gradio's says "Value 300 is greater than maximum
-    value 241."). An instance attribute, not a subclass: Gradio writes a .pyi beside any module that
-    subclasses a component."""
-    component.preprocess = lambda payload: payload
-
-
-# -- pure helpers ---------------------------------------------------------------------------------------------
-def field_error(exc: RequestError) -> gr.Error:
-    """A refusal shown to the user: 'field: message' (escaped: the modal renders HTML)."""
-    return gr.Error(html.escape(str(exc), quote=False), title=f"Invalid {exc.field}", print_exception=False)
-
-
-def layout_options(state) -> dict[str, tuple[int, int, int]]:
-    """Every layout this gang can run, as label → (ulysses, ring, cfg); the label is what really runs."""
-    world, heads = state.rt.world_size, state.info.num_heads
-    ordered = sorted(valid_layouts(world, heads), key=lambda lay: (lay.cfg, -lay.ulysses))  # Ulysses first
-    candidates = [(lay.ulysses, lay.ring, lay.cfg) for lay in ordered]
-    candidates += [(1, 1, 1), (1, 1, 2)]  # replicas when context parallel is off
-    out: dict[str, tuple[int, int, int]] = {}
-    for u, r, c in candidates:
-        try:
-            lay = state.layout_for(u, r, c)
-        except LayoutError:
-            continue
-        out.setdefault(str(lay), (lay.ulysses, lay.ring, lay.cfg))
-    return out
-
-
-def parse_layout(value: Any, options: dict[str, tuple[int, int, int]]) -> tuple[int, int, int]:
-    """A layout label of the dropdown → (ulysses, ring, cfg); RequestError("layout") for anything else."""
-    if not isinstance(value, str) or value not in options:
-        raise RequestError("layout", f"must be one of: {'; '.join(options)}; got {str(value)[:60]!r}")
-    return options[value]
-
-
-def chosen_loras(names: list[str] | None, *strengths: float) -> list[dict] | None:
-    """The page's LoRA picks as the request's `loras` ([{name, strength}]); None (the server's default) when unset."""
-    if names is None:
-        return None
-    return [{"name": n, "strength": strengths[i] if i < len(strengths) else 1.0} for i, n in enumerate(names)]
-
-
-def lora_slots(names: list[str] | None) -> list:
-    """One visible, labelled strength slider per chosen LoRA; the rest hidden."""
-    names = list(names or [])
-    return [gr.update(visible=i < len(names), label=f"Strength of {names[i]}" if i < len(names) else "Strength")
-            for i in range(LORA_SLOTS)]
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(float(value))
-    except (TypeError, ValueError):
-        return None
-
-
-def fmt_seconds(s: float) -> str:
-    return f"{s:.1f} s" if s < 90 else f"{int(s // 60)} min {int(s % 60):02d} s"
-
-
-def progress_text(done: int, total: int, seconds: float) -> str:
-    """'step 3/10 · 0.52 s/step · ETA 3.6 s' from the dispatcher's progress callback."""
-    rate = seconds / max(done, 1)
-    return f"step {done}/{total} · {rate:.2f} s/step · ETA {fmt_seconds(rate * (total - done))}"
-
-
-def status_html(kind: str, text: str, fraction: float | None = None) -> str:
-    bar = ""
-    if fraction is not None:
-        bar = f'<div class="wan-bar"><div style="width:{100 * min(max(fraction, 0), 1):.1f}%"></div></div>'
-    return f'<div class="wan-status wan-{kind}" data-state="{kind}">{bar}<span>{html.escape(text)}</span></div>'
-
-
-def memory_bars_html(memory: list[dict]) -> str:
-    """One bar per rank: in use and peak of the last request, against the device's total (or the peak)."""
-    if not memory:
-        return "<p>No memory report yet.</p>"
-    scale = max([m.get("total_gib") or 0 for m in memory] + [m.get("peak_gib") or 0 for m in memory] + [1e-9])
-    rows = []
-    for m in memory:
-        used, peak, total = (float(m.get(k) or 0) for k in ("in_use_gib", "peak_gib", "total_gib"))
-        of = f" of {total:.1f} GiB" if total else " (host RAM, max RSS)"
-        rows.append(
-            f'<div class="wan-mem" data-rank="{int(m.get("rank", 0))}">'
-            f'<div class="wan-mem-label">rank {int(m.get("rank", 0))} · {html.escape(str(m.get("device", "?")))}</div>'
-            f'<div class="wan-mem-track"><div class="wan-mem-peak" style="width:{100 * peak / scale:.1f}%"></div>'
-            f'<div class="wan-mem-used" style="width:{100 * used / scale:.1f}%"></div></div>'
-            f'<div class="wan-mem-text">in use {used:.2f} GiB · peak {peak:.2f} GiB{of}</div></div>'
-        )
-    return "".join(rows)
-
-
-def cluster_html(server) -> str:
-    """The cluster panel: ranks, layout, sharding, memory per rank, start-up log."""
-    st, cfg, info = server.state, server.cfg, server.state.info
-    memory = server.last_memory
-    note = "peak of the last request, every rank"
-    if not memory:
-        memory = [memory_report(server.rt)]
-        note = "rank 0 now"
-    facts = [
-        ("world size", f"{st.rt.world_size} rank(s) on {max(1, st.rt.nnodes)} node(s)"),
-        ("model", f"{info.key} · {info.num_layers} layers · {info.num_heads} heads · {str(info.dtype).replace('torch.', '')}"),
-        ("default layout", str(st.default_layout)),
-        ("context parallel", str(st.use_context_parallel and st.default_layout.sp > 1).lower()),
-        ("FSDP", f"DiT {str(st.dit_fsdp).lower()} · T5 {str(st.t5_fsdp).lower()}"),
-        ("attention kernel", st.kernel.name),
-        ("offload / block swap", f"offload_percent {cfg.offload_percent} · blocks_to_swap {cfg.blocks_to_swap}"),
-        ("torch.compile", str(cfg.compile).lower()),
-    ]
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
-    logs = html.escape("\n".join(st.startup_log)) or "(none)"
-    return (
-        f'<div class="wan-cluster"><table>{rows}</table>'
-        f"<h4>Memory per rank <small>({note})</small></h4>{memory_bars_html(memory)}"
-        f"<h4>Start-up log</h4><pre>{logs}</pre></div>"
-    )
-
-
-def history_items(outputs_dir: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """(gallery items, their video paths) of the newest generations in outputs_dir."""
-    items = list_history(outputs_dir)[:HISTORY_LIMIT]
-    gallery = []
-    for it in items:
-        m = it["meta"]
-        caption = f"{str(m.get('prompt', ''))[:40]} · seed {m.get('seed', '?')} · {m.get('size', '?')} · {m.get('frame_num', '?')} frames"
-        gallery.append((it["video"], caption))
-    return gallery, [it["video"] for it in items]
-
-
-def done_text(out) -> str:
-    t = out.meta.get("timings", {})
-    n = len(out.videos)
-    parts = [f"Done: {n} video{'s' if n != 1 else ''} in {fmt_seconds(t.get('total_s', 0))}",
-             f"denoise {fmt_seconds(t.get('denoise_s', 0))} ({t.get('per_step_s', 0):.2f} s/step)",
-             f"VAE decode {fmt_seconds(t.get('vae_decode_s', 0))}", f"seed {out.request.base_seed}"]
-    return " · ".join(parts)
-
-
-def start_up_rows(server) -> list[tuple[str, Any, str]]:
-    """The settings fixed at start-up: (label, value, how to change it)."""
-    st, cfg = server.state, server.cfg
-    return [
-        ("World size (ranks)", st.rt.world_size, "one rank per GPU: restart with ./launch.sh --nproc N"),
-        ("FSDP (DiT / T5)", f"{str(st.dit_fsdp).lower()} / {str(st.t5_fsdp).lower()}",
-         "restart with --use_fsdp (or --dit_fsdp / --t5_fsdp) or a preset; needs 2+ ranks"),
-        ("Context parallel", str(st.use_context_parallel).lower(), "preset key use_context_parallel"),
-        ("offload_percent", cfg.offload_percent, "restart with --offload_percent 0.5 or a preset (e.g. low_vram)"),
-        ("blocks_to_swap", cfg.blocks_to_swap, "restart with --blocks_to_swap N or a preset"),
-        ("Attention backend", f"{st.kernel.name} (asked: {cfg.attention})",
-         f"restart with --attention {'|'.join(ATTENTION_BACKENDS)}"),
-        ("torch.compile", str(cfg.compile).lower(), "restart with --compile or a preset (max_speed)"),
-    ]
-
-
-def waiting_in_queue(demo: gr.Blocks, session: str) -> bool:
-    """Whether this session has an event waiting (not yet started) in Gradio's queue."""
-    queues = getattr(getattr(demo, "_queue", None), "event_queue_per_concurrency_id", None) or {}
-    try:
-        return any(e.session_hash == session for q in list(queues.values()) for e in list(q.queue))
-    except (AttributeError, RuntimeError):  # another Gradio version, or the queue changed under us
-        return False
+def all_presets() -> list[str]:
+    """The preset menu: the shipped JSON presets and `auto`, sorted."""
+    return sorted({*available_presets(), AUTO_PRESET})
 
 
 # -- the job runner -----------------------------------------------------------------------------------------
@@ -229,11 +110,7 @@ class Controller:
         self.server, self.cfg = server, cfg
         self.dispatcher = server.dispatcher
         self.info = self.dispatcher.info
-        self.layouts = layout_options(server.state)
-        self.default_layout = str(server.state.default_layout)
-        if self.default_layout not in self.layouts:
-            self.layouts[self.default_layout] = (server.state.default_layout.ulysses, server.state.default_layout.ring,
-                                                 server.state.default_layout.cfg)
+        self.state = server.state
         self._lock = threading.Lock()
         self.job: Job | None = None
         self._cancel_queued: set[str] = set()
@@ -241,44 +118,56 @@ class Controller:
 
     # -- request ------------------------------------------------------------------------------------------
     def raw_request(self, prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale, sample_shift,
-                    base_seed, sample_solver, batch_size, layout, teacache, loras=None, sample_timesteps=None) -> dict:
+                    base_seed, sample_solver, batch_size, ulysses_size=None, ring_size=None, cfg_size=None,
+                    offload_percent=None, blocks_to_swap=None, teacache=None, loras=None,
+                    sample_timesteps=None) -> dict:
         """The form's values as a raw request, checked by dispatcher.validate (gr.Error naming the field).
-        Explicit timesteps apply while Steps equals their count (the Steps control wins otherwise)."""
+        Explicit timesteps apply while Steps equals their count (the Steps control wins otherwise). Unset
+        layout sizes and memory settings are the server's defaults."""
         try:
             timesteps = parse_timesteps(sample_timesteps) or None
-            if timesteps and sample_steps is not None and _int_or_none(sample_steps) != len(timesteps):
+            if timesteps and sample_steps is not None and int_or_none(sample_steps) != len(timesteps):
                 timesteps = None
-            u, r, c = parse_layout(layout if layout is not None else self.default_layout, self.layouts)
             raw = {"prompt": prompt, "negative_prompt": negative_prompt, "size": size, "frame_num": frame_num,
                    "sample_steps": sample_steps, "sample_guide_scale": sample_guide_scale, "sample_shift": sample_shift,
                    "sample_solver": sample_solver, "base_seed": base_seed, "batch_size": batch_size,
-                   "teacache": teacache, "ulysses_size": u, "ring_size": r, "cfg_size": c, "loras": loras,
+                   "teacache": teacache, "ulysses_size": ulysses_size, "ring_size": ring_size, "cfg_size": cfg_size,
+                   "offload_percent": offload_percent, "blocks_to_swap": blocks_to_swap, "loras": loras,
                    "sample_timesteps": timesteps}
+            # the field checks first: layout_for (in dispatcher.validate) takes only numbers, never "2" or 2.0
+            req = validate_request(raw, self.info.limits, self.info.defaults)
+            raw.update({k: getattr(req, k) for k in (*LAYOUT_FIELDS, *MEMORY_KEYS) if raw[k] is not None})
             raw["sample_steps"] = self.dispatcher.validate(raw).sample_steps  # null → the default, for the progress bar
         except RequestError as exc:
-            raise field_error(exc) from None
+            raise field_error(layout_field(exc)) from None
         return raw
 
     def generate(self, prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale, sample_shift,
-                 base_seed, sample_solver, batch_size, layout, teacache, request: gr.Request, loras=None,
-                 sample_timesteps=None, progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress tracker
-        """Generate video(s) from a text prompt; returns the mp4 first, then files, seed used, metadata, status."""
-        raw = self.raw_request(prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale,
-                               sample_shift, base_seed, sample_solver, batch_size, layout, teacache, loras,
-                               sample_timesteps)
-        session = getattr(request, "session_hash", None) or "anonymous"
+                 base_seed, sample_solver, batch_size, ulysses_size, ring_size, cfg_size, offload_percent,
+                 blocks_to_swap, teacache, request: gr.Request, loras=None, sample_timesteps=None,
+                 progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress tracker
+        """Generate video(s) from a text prompt; returns the mp4 first, then files, seed used, metadata, and a
+        plain-text status line. A refusal or failure also sets the status line to its message."""
         skip = gr.skip()
+        try:
+            raw = self.raw_request(prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale,
+                                   sample_shift, base_seed, sample_solver, batch_size, ulysses_size, ring_size,
+                                   cfg_size, offload_percent, blocks_to_swap, teacache, loras, sample_timesteps)
+        except gr.Error as err:
+            yield skip, skip, skip, skip, f"Error: {getattr(err, 'plain', err.message)}"
+            raise
+        session = getattr(request, "session_hash", None) or "anonymous"
         with self._lock:
             if session in self._cancel_queued:
                 self._cancel_queued.discard(session)
-                yield skip, skip, skip, skip, status_html("cancelled", "Cancelled before it started.")
+                yield skip, skip, skip, skip, "Cancelled before it started."
                 return
             job = self.job = Job(session, raw)
         total = raw["sample_steps"]
         thread = threading.Thread(target=self._run, args=(job,), name="wan-generate", daemon=True)
         thread.start()
         progress((0, total), desc="encoding the prompt", unit="step")
-        yield skip, skip, skip, skip, status_html("running", "Encoding the prompt…", 0.0)
+        yield skip, skip, skip, skip, "Encoding the prompt…"
         try:
             while True:
                 try:
@@ -292,21 +181,22 @@ class Controller:
                     if done >= total:
                         text = f"{done}/{total} steps in {fmt_seconds(secs)} · decoding the video…"
                     progress((done, total), desc=text, unit="step")
-                    yield skip, skip, skip, skip, status_html("running", text, done / max(total, 1))
+                    yield skip, skip, skip, skip, text
                 elif kind == "done":
                     out = payload
                     files = [str(p) for p in out.videos] + [str(p) for p in out.sidecars]
-                    yield (str(out.videos[0]), files, str(out.request.base_seed), out.meta,
-                           status_html("done", done_text(out), 1.0))
+                    yield str(out.videos[0]), files, str(out.request.base_seed), out.meta, done_text(out)
                     return
                 elif kind == "cancelled":
                     at = re.search(r"step (\d+)", payload)
-                    text = f"Cancelled at step {at.group(1) if at else job.steps_done} of {total}."
-                    yield skip, skip, skip, skip, status_html("cancelled", text)
+                    yield skip, skip, skip, skip, f"Cancelled at step {at.group(1) if at else job.steps_done} of {total}."
                     return
                 elif kind == "invalid":
-                    raise field_error(payload)
+                    err = field_error(layout_field(payload))
+                    yield skip, skip, skip, skip, f"Error: {err.plain}"
+                    raise err
                 else:
+                    yield skip, skip, skip, skip, f"Error: generation failed: {payload}"
                     raise gr.Error(html.escape(payload, quote=False), title="Generation failed", print_exception=False)
         finally:
             if thread.is_alive():  # the page went away mid-run: stop the gang at the next step
@@ -351,50 +241,74 @@ class Controller:
             else:
                 gr.Info("Nothing of yours is running or waiting.")
 
+    # -- the layout sliders -------------------------------------------------------------------------------
+    def moved(self, which: str) -> Callable[[Any, Any, Any], tuple[int, int, int]]:
+        """The handler of one layout slider: the other sizes follow where they can (ui_parts.adjust_layout)."""
+        return lambda u, r, c: adjust_layout(self.state, which, u, r, c)
+
+    def layout_note(self, ulysses: Any, ring: Any, cfg: Any) -> str:
+        """The note next to the sliders: what runs, or why the combination cannot."""
+        if self.state.rt.world_size == 1:
+            return f"{ONE_RANK_NOTE}. " + check_layout_sizes(self.state, ulysses, ring, cfg)[1]
+        lay, text = check_layout_sizes(self.state, ulysses, ring, cfg)
+        return text if lay is not None else f"⚠ {text}"
+
     # -- panels -------------------------------------------------------------------------------------------
     def panels(self):
         gallery, paths = history_items(self.cfg.outputs_dir)
         return gallery, paths, cluster_html(self.server)
 
     def show_history(self, paths: list[str], evt: gr.SelectData):
+        """A history item back on the page: its video and files, and its settings in the form."""
         if evt is None or not paths or not 0 <= evt.index < len(paths):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return tuple(gr.skip() for _ in range(5 + len(RESTORE_KEYS)))
         video = paths[evt.index]
         try:
             meta = read_sidecar(video)
         except (OSError, ValueError):
             meta = {}
-        return video, [video], str(meta.get("seed", "")), meta
+        sidecar = str(Path(video).with_suffix(".json"))
+        files = [video, sidecar] if Path(sidecar).exists() else [video]
+        form = restored_form(meta, self.state)
+        shown = f"Showing {Path(video).name} from the history; its settings are back in the form."
+        return (video, files, str(meta.get("seed", "")), meta, shown, *[form.get(k, gr.skip()) for k in RESTORE_KEYS])
 
     def apply_preset(self, name: str | None):
-        """The preset's request settings into the form; its start-up settings explained in a note."""
-        keys = (*REQUEST_KEYS, "layout")
-        defaults = {**self.info.defaults, "layout": self.default_layout}
+        """The preset's request settings into the form (layout sizes where they fit this gang); its start-up
+        settings explained in a note. Returns one value per REQUEST_KEYS, then ulysses, ring, cfg, the note."""
+        keys = (*REQUEST_KEYS, *LAYOUT_KEYS)
+        lay = self.state.default_layout
+        defaults = {**self.info.defaults, **memory_mode(self.server), "ulysses_size": lay.ulysses,
+                    "ring_size": lay.ring, "cfg_size": lay.cfg}
         if not name or name == NO_PRESET:
             return (*[defaults.get(k) for k in keys], "Form reset to this server's start-up settings.")
         try:
-            preset = load_preset(name)
+            preset = auto_preset(self.server) if name == AUTO_PRESET else load_preset(name)
         except (FileNotFoundError, ValueError) as exc:
             raise gr.Error(html.escape(f"preset: {exc}", quote=False), print_exception=False) from None
         values: dict[str, Any] = {k: preset[k] for k in REQUEST_KEYS if k in preset}
+        if "blocks_to_swap" in values:
+            values["blocks_to_swap"] = min(int(values["blocks_to_swap"]), self.info.limits.num_blocks)
         if isinstance(values.get("sample_timesteps"), (list, tuple)):
             values["sample_timesteps"] = ",".join(f"{t:g}" for t in values["sample_timesteps"])
         notes = []
         if any(k in preset for k in LAYOUT_KEYS):
-            st = self.server.state
             try:
-                lay = st.layout_for(preset.get("ulysses_size"), preset.get("ring_size"), preset.get("cfg_size"))
-                values["layout"] = str(lay)
+                fit = self.state.layout_for(*(preset.get(k) for k in LAYOUT_KEYS))
+                values.update(ulysses_size=fit.ulysses, ring_size=fit.ring, cfg_size=fit.cfg)
             except LayoutError as exc:
                 notes.append(f"Its layout does not fit this gang, kept the current one: {exc}")
-        world = preset.get("world_size")
+        world, ranks = preset.get("world_size"), self.server.rt.world_size
         restart = f"./launch.sh --preset {name}"
-        if world and world != self.server.rt.world_size:
+        if world and world != ranks:
             restart = f"./launch.sh --nproc {world} --preset {name}"
-            notes.append(f"It is made for {world} ranks; this server runs {self.server.rt.world_size}.")
+            notes.append(f"It is made for {plural(world, 'rank')}; this server runs {plural(ranks, 'rank')}.")
+        if name == AUTO_PRESET:
+            notes.append("auto picks the memory settings from the smallest GPU's memory and the model's size.")
         start_up = {k: v for k, v in preset.items() if k not in REQUEST_KEYS and k not in LAYOUT_KEYS and k != "world_size"}
-        changes = [f"{k} = {v} (now {getattr(self.cfg, k, '?')})" for k, v in start_up.items() if getattr(self.cfg, k, None) != v]
-        filled = ", ".join(f"{k} = {v}" for k, v in values.items()) or "nothing"
+        changes = [f"{k} = {fmt_value(v)} (now {fmt_value(getattr(self.cfg, k, '?'))})"
+                   for k, v in start_up.items() if getattr(self.cfg, k, None) != v]
+        filled = ", ".join(f"{k} = {fmt_value(v)}" for k, v in values.items()) or "nothing"
         text = f"**{name}** filled: {filled}."
         if changes:
             text += f" Start-up settings it also sets (restart to apply: `{restart}`): " + "; ".join(changes) + "."
@@ -405,15 +319,20 @@ class Controller:
 
 # -- the page -----------------------------------------------------------------------------------------------
 CSS = """
-.wan-banner {background:#fff3cd;border:1px solid #e0b000;color:#5c4400;padding:10px 14px;border-radius:8px;font-weight:600}
-.wan-status {padding:6px 2px}
-.wan-status.wan-done span {color:#137333} .wan-status.wan-cancelled span {color:#b06000}
-.wan-bar {height:8px;background:#e5e7eb;border-radius:4px;overflow:hidden;margin-bottom:4px}
-.wan-bar div {height:100%;background:#2563eb;transition:width .3s}
+.wan-banner {background:#fff3cd;border:1px solid #e0b000;color:#5c4400;padding:6px 12px;border-radius:8px;font-weight:600;font-size:0.85em}
+#title h2 {margin:0}
+#status textarea {font-weight:600}
+#layout-note, #preset-note {font-size:0.9em}
+#files .file-preview .filename {white-space:normal;overflow:visible}
+#files .file-preview .stem, #files .file-preview .ext {overflow:visible;text-overflow:clip;white-space:nowrap}
+#files .file-preview td.filename {max-width:none;word-break:break-all}
+#history .thumbnail-item {max-width:200px;max-height:150px}
+#history .grid-container {grid-template-columns:repeat(auto-fill, minmax(160px, 200px)) !important;grid-auto-rows:150px !important}
 .wan-mem {margin:6px 0} .wan-mem-label, .wan-mem-text {font-size:0.85em}
 .wan-mem-track {position:relative;height:14px;background:#e5e7eb;border-radius:4px;overflow:hidden}
 .wan-mem-peak {position:absolute;height:100%;background:#93c5fd} .wan-mem-used {position:absolute;height:100%;background:#1d4ed8}
-.wan-cluster th {text-align:left;padding-right:12px} .wan-cluster pre {white-space:pre-wrap;font-size:0.8em}
+.wan-cluster th {text-align:left;padding-right:12px} .wan-cluster .wan-how {color:#6b7280;font-size:0.85em;padding-left:12px}
+.wan-cluster pre {white-space:pre-wrap;font-size:0.8em}
 """
 
 
@@ -422,51 +341,69 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
     ctl = Controller(server, cfg)
     info, st = ctl.info, server.state
     d = info.defaults
+    world, lay, mode = st.rt.world_size, st.default_layout, memory_mode(server)
     sizes = list(info.limits.sizes)
     if d["size"] not in sizes:
         sizes.insert(0, d["size"])
     with gr.Blocks(title="Wan2.1 text-to-video", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         if info.random_weights:
             gr.HTML(f'<div class="wan-banner" id="random-weights-banner">Random weights: {html.escape(RANDOM_WEIGHTS_NOTICE)}</div>')
-        gr.Markdown(f"## Wan2.1 text-to-video · model {info.key} · {st.rt.world_size} rank(s) · {st.default_layout}")
-        with gr.Row():
+        gr.Markdown(f"## Wan2.1 text-to-video · model {info.key} · {plural(world, 'rank')} · {lay}", elem_id="title")
+        with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=3, max_length=MAX_PROMPT_CHARS, elem_id="prompt",
                                     placeholder="A cat walks on the grass, realistic style.")
-                with gr.Accordion("Negative prompt", open=False):
-                    negative = gr.Textbox(label="Negative prompt", lines=2, value=d.get("negative_prompt") or "",
-                                          max_length=MAX_PROMPT_CHARS, placeholder="empty: the official default negative prompt")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                    stop = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel", scale=1)
+                status = gr.Textbox("Ready.", label="Status", elem_id="status", interactive=False, max_lines=2)
                 with gr.Row():
                     size = gr.Dropdown(sizes, value=d["size"], label="Size (W*H)", elem_id="size",
-                                    allow_custom_value=info.limits.any_multiple_of_16,
-                                    info="any W*H in multiples of 16" if info.limits.any_multiple_of_16 else None)
+                                       allow_custom_value=info.limits.any_multiple_of_16,
+                                       info="any W*H in multiples of 16" if info.limits.any_multiple_of_16 else None)
                     frames = gr.Slider(1, MAX_FRAMES, value=d["frame_num"], step=4, precision=0, label="Frames (4n+1)", elem_id="frames")
                     steps = gr.Slider(1, MAX_STEPS, value=d["sample_steps"], step=1, precision=0, label="Steps", elem_id="steps")
-                with gr.Row():
-                    guide = gr.Slider(0, 20, value=d["sample_guide_scale"], step=0.1, label="Guidance scale")
-                    shift = gr.Slider(0.1, 20, value=d["sample_shift"], step=0.1, label="Shift")
-                    solver = gr.Dropdown(list(info.limits.solvers), value=d["sample_solver"], label="Solver")
-                with gr.Row():
-                    batch = gr.Slider(1, MAX_BATCH, value=d["batch_size"], step=1, precision=0, label="Number of videos")
-                    seed = gr.Number(value=d["base_seed"], precision=0, label="Seed (-1 = random)", elem_id="seed")
-                    with gr.Column(min_width=120):
-                        random_seed = gr.Button("🎲 Random seed", size="sm")
-                        reuse_seed = gr.Button("♻ Reuse last seed", size="sm")
-                with gr.Accordion("Parallel layout and memory", open=True):
+                with gr.Accordion("Parallel layout and memory (per request)", open=True):
                     with gr.Row():
-                        preset = gr.Dropdown([NO_PRESET, *available_presets()], value=NO_PRESET, label="Preset",
-                                             elem_id="preset", info="fills the controls below it can")
-                        layout = gr.Dropdown(list(ctl.layouts), value=ctl.default_layout, label="Layout (per request)",
-                                          elem_id="layout",
-                                          info=f"cfg × ring × ulysses = {st.rt.world_size} ranks; Ulysses must divide "
-                                               f"the model's {info.num_heads} heads")
+                        preset = gr.Dropdown([NO_PRESET, *all_presets()], value=NO_PRESET, label="Preset",
+                                             elem_id="preset", info="fills the controls it can")
+                        fixed = world == 1
+                        layout_info = ONE_RANK_NOTE if fixed else f"cfg × ring × ulysses = {plural(world, 'rank')}"
+                        ulysses = gr.Slider(1, max(world, 2), value=lay.ulysses, step=1, precision=0,
+                                            label="Ulysses size (ulysses_size)", elem_id="ulysses",
+                                            interactive=not fixed and st.use_context_parallel,
+                                            info=f"splits the {info.num_heads} heads: must divide them")
+                        ring = gr.Slider(1, max(world, 2), value=lay.ring, step=1, precision=0,
+                                         label="Ring size (ring_size)", elem_id="ring",
+                                         interactive=not fixed and st.use_context_parallel, info=layout_info)
+                        cfg_size = gr.Radio([1, 2], value=lay.cfg, label="CFG parallel (cfg_size)", elem_id="cfg",
+                                            interactive=not fixed and world % 2 == 0,
+                                            info="2: the two guidance branches on separate ranks")
+                    layout_note = gr.Markdown(ctl.layout_note(lay.ulysses, lay.ring, lay.cfg), elem_id="layout-note")
+                    fsdp = " With FSDP offload moves whole blocks (each rank its own shards)." if st.dit_fsdp else ""
+                    with gr.Row():
+                        offload = gr.Slider(0, 1, value=mode["offload_percent"], step=0.05, label="CPU offload (offload_percent)",
+                                            elem_id="offload", info=f"share of the DiT's weights kept in host memory.{fsdp}")
+                        swap = gr.Slider(0, info.limits.num_blocks, value=mode["blocks_to_swap"], step=1, precision=0,
+                                         label="Block swap (blocks_to_swap)", elem_id="swap",
+                                         info=f"of the DiT's {info.limits.num_blocks} blocks, swapped in from host memory")
                         teacache = gr.Slider(0, 1, value=d["teacache"], step=0.01, label="TeaCache threshold",
-                                          elem_id="teacache", info="0 = off; higher skips more steps")
+                                             elem_id="teacache", info="0 = off; higher skips more steps")
                     preset_note = gr.Markdown(elem_id="preset-note")
-                    gr.Markdown("Start-up settings (read-only here; the note under each says how to change it):")
+                with gr.Accordion("More settings: guidance, seed, negative prompt", open=False):
                     with gr.Row():
-                        for label, value, how in start_up_rows(server):
-                            gr.Textbox(str(value), label=label, info=how, interactive=False, min_width=160)
+                        guide = gr.Slider(0, 20, value=d["sample_guide_scale"], step=0.1, label="Guidance scale")
+                        shift = gr.Slider(0.1, 20, value=d["sample_shift"], step=0.1, label="Shift")
+                        solver = gr.Dropdown(list(info.limits.solvers), value=d["sample_solver"], label="Solver")
+                    with gr.Row():
+                        batch = gr.Slider(1, MAX_BATCH, value=d["batch_size"], step=1, precision=0, label="Number of videos")
+                        seed = gr.Number(value=d["base_seed"], precision=0, label="Seed (-1 = random)", elem_id="seed")
+                        with gr.Column(min_width=120):
+                            random_seed = gr.Button("🎲 Random seed", size="sm")
+                            reuse_seed = gr.Button("♻ Reuse last seed", size="sm")
+                    negative = gr.Textbox(label="Negative prompt", lines=2, value=d.get("negative_prompt") or "",
+                                          elem_id="negative", max_length=MAX_PROMPT_CHARS,
+                                          placeholder="empty: the official default negative prompt")
                 with gr.Accordion("LoRAs", open=False):
                     available = list_loras(cfg.model_dir)
                     lora_names = gr.Dropdown(available, value=None, multiselect=True, max_choices=LORA_SLOTS,
@@ -479,47 +416,51 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
                                           for i in range(LORA_SLOTS)]
                     loras = gr.JSON(None, visible=False, label="loras")
                 timesteps = gr.Textbox(d.get("sample_timesteps") or "", visible=False, label="sample_timesteps")
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")
             with gr.Column(scale=2):
-                video = gr.Video(label="Video", elem_id="result-video", autoplay=True, loop=True, interactive=False)
-                status = gr.HTML(status_html("idle", "Ready."), label="Status", elem_id="status")
-                with gr.Row():
-                    seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used",
-                                           placeholder="shown after a run")
-                    files = gr.File(label="Download", file_count="multiple", interactive=False)
+                video = gr.Video(label="Video", elem_id="result-video", autoplay=True, loop=True, interactive=False,
+                                 height=340)
+                seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used",
+                                       placeholder="shown after a run")
+                files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files")
                 with gr.Accordion("Settings and timings", open=False):
-                    details = gr.JSON(label="Sidecar")
+                    details = gr.JSON(label="Sidecar", elem_id="details")
         with gr.Tabs():
             with gr.Tab("History"):
-                history = gr.Gallery(label="Earlier generations (newest first)", columns=6, height=320,
-                                     elem_id="history", allow_preview=False)
+                history = gr.Gallery(label="Earlier generations (newest first; click one to restore its settings)",
+                                     columns=6, height=200, object_fit="contain", elem_id="history",
+                                     allow_preview=False)
                 history_paths = gr.State([])
             with gr.Tab("Cluster", elem_id="cluster-tab"):
                 cluster = gr.HTML(cluster_html(server), elem_id="cluster")
 
-        form = [prompt, negative, size, frames, steps, guide, shift, seed, solver, batch, layout, teacache, loras, timesteps]
+        form = [prompt, negative, size, frames, steps, guide, shift, seed, solver, batch, ulysses, ring, cfg_size,
+                offload, swap, teacache, loras, timesteps]
         for component in form:
             server_checked(component)
         private = {"queue": False, "api_visibility": "private"}
         # Cancel is enabled first: the page runs a trigger's listeners in the order they were added
         run.click(lambda: gr.update(interactive=True), None, stop, **private)
         gen = run.click(ctl.generate, form, [video, files, seed_used, details, status], api_name="generate",
-                        concurrency_limit=1, concurrency_id="gpu", show_progress_on=[video])
+                        concurrency_limit=1, concurrency_id="gpu", show_progress_on=[video], scroll_to_output=False)
         gen.then(lambda: gr.update(interactive=False), None, stop, **private).then(
             ctl.panels, None, [history, history_paths, cluster], **private)
         stop.click(ctl.cancel, None, None, **private)
+        sliders = [ulysses, ring, cfg_size]
+        for which, slider in zip(("ulysses", "ring", "cfg"), sliders):
+            slider.input(ctl.moved(which), sliders, sliders, **private, show_progress="hidden")
+            slider.change(ctl.layout_note, sliders, layout_note, **private, show_progress="hidden")
         lora_names.change(lora_slots, lora_names, lora_strengths, **private)
         for trigger in (lora_names, *lora_strengths):
             trigger.change(chosen_loras, [lora_names, *lora_strengths], loras, **private)
         random_seed.click(lambda: -1, None, seed, **private)
         reuse_seed.click(lambda s: int(s) if s and s.isdigit() else -1, seed_used, seed, **private)
         preset.change(ctl.apply_preset, preset,
-                      [negative, size, frames, steps, guide, shift, solver, seed, batch, teacache, timesteps, layout,
-                       preset_note],
+                      [negative, size, frames, steps, guide, shift, solver, seed, batch, teacache, timesteps, offload,
+                       swap, ulysses, ring, cfg_size, preset_note],
                       **private)
-        history.select(ctl.show_history, history_paths, [video, files, seed_used, details], **private)
+        history.select(ctl.show_history, history_paths,
+                       [video, files, seed_used, details, status, prompt, negative, size, frames, steps, guide, shift, solver,
+                        seed, batch, teacache, timesteps, ulysses, ring, cfg_size, offload, swap], **private)
         demo.load(ctl.panels, None, [history, history_paths, cluster], **private)
     ctl.is_waiting = lambda session: waiting_in_queue(demo, session)
     demo.controller = ctl  # for tests and embedding

@@ -82,13 +82,13 @@ def check_layout(layout: ParallelLayout, world: int, heads: int, use_context_par
         raise LayoutError(
             f"ulysses_size={layout.ulysses} does not divide the model's {heads} attention heads "
             f"({heads} / {layout.ulysses} = {heads / layout.ulysses:.2f}); Ulysses splits whole heads across ranks. "
-            f"Valid for {world} ranks: {_suggest(world, heads)}"
+            f"Valid for {world} rank{'' if world == 1 else 's'}: {_suggest(world, heads)}"
         )
     if layout.world != world:
         prod = f"cfg_size {layout.cfg} × ring_size {layout.ring} × ulysses_size {layout.ulysses}"
         raise LayoutError(
             f"{prod} = {layout.cfg * layout.ring * layout.ulysses}, but the world size is {world}: "
-            f"the product must equal the number of ranks. Valid for {world} ranks and {heads} heads: {_suggest(world, heads)}"
+            f"the product must equal the number of ranks. Valid for {world} rank{'' if world == 1 else 's'} and {heads} heads: {_suggest(world, heads)}"
         )
     return layout
 

@@ -31,9 +31,14 @@ USER, PASSWORD = "reliability", "s3cret-pass"
 # What a Python traceback looks like when it leaks into an answer.
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+|\bline \d+, in \w+")
 FIELDS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
-          "base_seed", "sample_solver", "batch_size", "layout", "teacache", "loras", "sample_timesteps")
-# Any field name a validation error may start with ("layout" covers ulysses/ring/cfg sizes).
-ERROR_FIELDS = (*FIELDS, "ulysses_size", "ring_size", "cfg_size")
+          "base_seed", "sample_solver", "batch_size", "ulysses_size", "ring_size", "cfg_size", "offload_percent",
+          "blocks_to_swap", "teacache", "loras", "sample_timesteps")
+LAYOUT_FIELDS = ("ulysses_size", "ring_size", "cfg_size")
+# Any field name a validation error may start with ("layout": the product of the three layout sizes).
+ERROR_FIELDS = (*FIELDS, "layout")
+# Refusals of a combination name one field while another changed: the layout product names "layout"; explicit
+# sample_timesteps need sample_solver euler and sample_steps equal to their count.
+CROSS_FIELD = {"layout": set(LAYOUT_FIELDS), "sample_solver": {"sample_timesteps"}, "sample_steps": {"sample_timesteps"}}
 BUSY = "Queue is full"
 
 
@@ -281,9 +286,11 @@ class QueueClient:
 
 
 # -- fuzz cases ---------------------------------------------------------------------------------------------
-def base_request(layout: str) -> list[Any]:
-    """The cheapest valid request (16*16, 1 frame, 1 step: ~0.5 s on 2 CPU cores), in /generate's order."""
-    return ["a red fox in the snow", "", "16*16", 1, 1, 5.0, 5.0, 7, "unipc", 1, layout, 0.0, [], ""]
+def base_request(layout: tuple[int, int, int] = (None, None, None)) -> list[Any]:
+    """The cheapest valid request (16*16, 1 frame, 1 step: ~0.5 s on 2 CPU cores), in /generate's order;
+    `layout` = (ulysses, ring, cfg), None: the server's default."""
+    u, r, c = layout
+    return ["a red fox in the snow", "", "16*16", 1, 1, 5.0, 5.0, 7, "unipc", 1, u, r, c, 0.0, 0, 0.0, [], ""]
 
 
 def hostile_values() -> list[Any]:
@@ -311,7 +318,7 @@ def hostile_values() -> list[Any]:
     ]
 
 
-def fuzz_cases(n: int, layout: str, seed: int = 0) -> list[tuple[list[Any], set[str]]]:
+def fuzz_cases(n: int, layout: tuple[int, int, int], seed: int = 0) -> list[tuple[list[Any], set[str]]]:
     """n requests, each the base request with 1 to 3 fields set to hostile values; with the fields changed.
     The first len(FIELDS) × len(hostile_values()) cases (in a seeded order) set every hostile value on every
     field once; the rest are random combinations."""
@@ -382,7 +389,7 @@ def judge(answer: Answer, data: list[Any], changed: set[str], tally: FuzzTally) 
         tally.busy += 1
     elif answer.kind == "error" and answer.error and answer.error.split(":", 1)[0] in ERROR_FIELDS:
         named = answer.error.split(":", 1)[0]
-        if named in changed or (named in ("ulysses_size", "ring_size", "cfg_size") and "layout" in changed):
+        if named in changed or changed & CROSS_FIELD.get(named, set()):
             tally.field_errors += 1
         else:
             tally.bad.append(f"error names {named!r} but only {sorted(changed)} changed: {short(data)} -> {answer.error[:200]!r}")

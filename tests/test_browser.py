@@ -3,6 +3,7 @@ CPU). Screenshots go to test-artifacts/. If Chromium cannot start, these tests f
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -79,13 +80,49 @@ def fill_small_request(page, prompt: str, steps: int = SMALL["sample_steps"]) ->
 
 
 def status_text(page) -> str:
-    return page.locator("#status").inner_text()
+    """The status line next to Generate (a read-only textbox: plain text, as the API gets it)."""
+    return page.locator("#status textarea").input_value()
 
 
 def wait_status(page, pattern: str, timeout_ms: int = TIMEOUT_MS) -> str:
     page.wait_for_function(
-        "([p]) => new RegExp(p).test(document.querySelector('#status').innerText)", arg=[pattern], timeout=timeout_ms)
+        "([p]) => new RegExp(p).test(document.querySelector('#status textarea').value)", arg=[pattern],
+        timeout=timeout_ms)
     return status_text(page)
+
+
+def number(page, elem_id: str) -> float:
+    """A slider's value, from its number box."""
+    return float(page.locator(f"#{elem_id} input[type=number]").first.input_value())
+
+
+def wait_number(page, elem_id: str, value: float) -> None:
+    page.wait_for_function(
+        "([id, v]) => parseFloat(document.querySelector('#' + id + ' input[type=number]').value) === v",
+        arg=[elem_id, value])
+
+
+def move_slider(page, elem_id: str, steps: int) -> None:
+    """Move a slider as a user does: focus its range input and press the arrow keys."""
+    handle = page.locator(f"#{elem_id} input[type=range]").first
+    handle.focus()
+    for _ in range(abs(steps)):
+        handle.press("ArrowRight" if steps > 0 else "ArrowLeft")
+
+
+def pick_cfg(page, value: int) -> None:
+    page.locator("#cfg label").filter(has_text=re.compile(rf"^\s*{value}\s*$")).click()
+
+
+def layout_sizes(page) -> tuple[int, int, int]:
+    cfg = page.evaluate("() => [...document.querySelectorAll('#cfg input[type=radio]')].find(i => i.checked)"
+                        ".closest('label').innerText")
+    return int(number(page, "ulysses")), int(number(page, "ring")), int(cfg.strip())
+
+
+def wait_note(page, text: str) -> str:
+    page.wait_for_function("([t]) => document.querySelector('#layout-note').innerText.includes(t)", arg=[text])
+    return page.locator("#layout-note").inner_text()
 
 
 def playable_video(page) -> dict:
@@ -117,9 +154,21 @@ def test_generate_from_the_browser_shows_progress_and_plays_the_video(page, app)
     page.wait_for_function("document.querySelectorAll('#history video, #history img').length >= 1")
     open_page(page, app.url)
     page.wait_for_function("document.querySelectorAll('#history video, #history img').length >= 1")
-    page.locator("#history .thumbnail-item").first.click()  # picking it shows it again
+    thumb = page.locator("#history .thumbnail-item").first.bounding_box()
+    gallery = page.locator("#history").bounding_box()
+    assert thumb["width"] <= 220 and thumb["height"] <= 160 and thumb["width"] < gallery["width"] / 4, (thumb, gallery)
+    assert page.locator("#prompt textarea").input_value() == ""  # a fresh page
+    page.locator("#history .thumbnail-item").first.click()  # picking it shows it again, with its settings
     page.wait_for_function(f"() => document.querySelector('#seed-used textarea, #seed-used input').value === '{seed}'")
     assert Path(playable_video(page)["src"]).name == mp4.name
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'a lighthouse at dawn'")
+    assert status_text(page) == f"Showing {mp4.name} from the history; its settings are back in the form."
+    assert (number(page, "frames"), number(page, "steps")) == (SMALL["frame_num"], 8)
+    assert page.locator("#size input").first.input_value() == SMALL["size"]
+    names = page.locator("#files .file-preview .filename").all_inner_texts()  # whole names, not ".mp" / ".jso"
+    assert sorted(re.sub(r"\s+", "", n) for n in names) == sorted([mp4.name, mp4.with_suffix(".json").name]), names
+    for cell in page.locator("#files .file-preview .filename").all():
+        assert cell.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), cell.inner_text()
 
 
 def test_preset_changes_the_controls_and_says_how_to_apply_start_up_settings(page, app):
@@ -131,11 +180,17 @@ def test_preset_changes_the_controls_and_says_how_to_apply_start_up_settings(pag
     page.wait_for_function("() => parseFloat(document.querySelector('#teacache input[type=number]').value) === 0.2")
     note = page.locator("#preset-note").inner_text()
     assert "./launch.sh --preset balanced" in note and "offload_percent = 0.5" in note
+    assert "True" not in note and "False" not in note
+    wait_number(page, "offload", 0.5)  # the memory sliders follow the preset (swap: at most the model's 3 blocks)
+    wait_number(page, "swap", 3)
     page.locator("#preset input").first.click()
     page.get_by_role("option", name="8gpu_distributed", exact=True).click()
     page.wait_for_function("() => document.querySelector('#preset-note').innerText.includes('--nproc 8')")
-    assert "made for 8 ranks" in page.locator("#preset-note").inner_text()
-    assert page.locator("#layout input").first.input_value() == "ulysses 1 × ring 1"  # 2×4 does not fit 1 rank
+    note = page.locator("#preset-note").inner_text()
+    assert "made for 8 ranks; this server runs 1 rank." in note and "Valid for 1 rank and 4 heads" in note, note
+    assert layout_sizes(page) == (1, 1, 1)  # 2×4 does not fit 1 rank
+    page.locator("#preset input").first.click()
+    assert page.get_by_role("option", name="auto", exact=True).count() == 1  # presets/auto.py is on the menu
 
 
 def test_cancel_stops_a_long_run_and_the_next_run_works(page, app):
@@ -180,16 +235,60 @@ def test_waiting_request_shows_its_queue_position_and_a_full_queue_says_busy(pag
     wait_status(page, "^Done")  # the waiting request ran after all
 
 
+def in_viewport(page, selector: str) -> bool:
+    """Whether the element's whole box lies inside the window (no scrolling needed to see it)."""
+    box = page.locator(selector).first.bounding_box()
+    view = page.viewport_size
+    return (box is not None and box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= view["width"]
+            and box["y"] + box["height"] <= view["height"])
+
+
+def test_at_1440x900_prompt_generate_video_and_progress_are_in_view_without_scrolling(browser, app):
+    """A laptop window: the prompt, Generate, the status line and the video are on screen at once, and stay
+    there after Generate (nothing scrolls the progress away)."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = ctx.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        open_page(page, app.url)
+        for selector in ("#prompt textarea", "#generate", "#status", "#result-video"):
+            assert in_viewport(page, selector), selector
+        assert status_text(page) == "Ready."
+        for elem_id in ("ulysses", "ring"):  # one rank: the layout is fixed, and the page says how to get more
+            assert page.locator(f"#{elem_id} input[type=range]").first.is_disabled(), elem_id
+        assert "1 rank: restart with ./launch.sh --nproc N for more" in page.locator("#layout-note").inner_text()
+        assert "context parallel off" in page.locator("#layout-note").inner_text()
+        fill_small_request(page, "stays in view", steps=6)
+        page.click("#generate")
+        wait_status(page, r"step \d+/6 · ")
+        assert page.evaluate("window.scrollY") == 0
+        for selector in ("#generate", "#status", "#result-video"):
+            assert in_viewport(page, selector), selector
+        wait_status(page, "^Done")
+        assert page.evaluate("window.scrollY") == 0 and in_viewport(page, "#status")
+        set_number(page, "frames", 80)  # refused: the status line says so too, not "Ready." or "Done"
+        page.click("#generate")
+        error = wait_status(page, "^Error")
+        assert error.startswith("Error: frame_num: must be 4n+1"), error
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "viewport_1440x900.png"))
+        ctx.close()
+
+
 def test_two_rank_gang_serves_the_page_and_generates(browser, tmp_path, tiny_model_dir):
-    """./launch.sh --nproc 2 (torchrun, gloo on CPU): rank 0's page generates with Ulysses over both ranks."""
+    """./launch.sh --nproc 2 (torchrun, gloo on CPU): rank 0's page generates with Ulysses over both ranks;
+    the layout sliders follow each other (world 2: (2,1,1), (1,2,1), (1,1,2)), flag and refuse an invalid
+    combination, and a request with another offload / block swap records them in its sidecar."""
     with running_app(tmp_path, tiny_model_dir, nproc=2) as gang:
         ctx = browser.new_context(viewport={"width": 1400, "height": 1500})
         page = ctx.new_page()
         page.set_default_timeout(TIMEOUT_MS)
         try:
             open_page(page, gang.url)
-            assert "2 rank(s)" in page.locator("h2").first.inner_text()
-            assert page.locator("#layout input").first.input_value() == "ulysses 2 × ring 1"
+            assert "2 ranks" in page.locator("h2").first.inner_text()
+            assert layout_sizes(page) == (2, 1, 1)
+            assert "Runs ulysses 2 × ring 1 on 2 ranks · context parallel on" in page.locator("#layout-note").inner_text()
             fill_small_request(page, "two ranks, one video")
             page.click("#generate")
             wait_status(page, "^Done")
@@ -198,6 +297,44 @@ def test_two_rank_gang_serves_the_page_and_generates(browser, tmp_path, tiny_mod
             page.wait_for_function("document.querySelectorAll('#cluster .wan-mem').length === 2")
             cluster = page.locator("#cluster").inner_text()
             assert "rank 1 · cpu" in cluster and "Setup complete: FSDP=false, Context Parallel=true" in cluster
+            assert re.search(r"context parallel \(default layout\)\s+on \(ulysses × ring = 2\)", cluster), cluster
+
+            move_slider(page, "ring", +1)  # ring 2: Ulysses follows to 1
+            wait_number(page, "ulysses", 1)
+            assert layout_sizes(page) == (1, 2, 1)
+            wait_note(page, "Runs ulysses 1 × ring 2 on 2 ranks · context parallel on")
+            move_slider(page, "ulysses", +1)  # Ulysses 2: ring follows to 1
+            wait_number(page, "ring", 1)
+            assert layout_sizes(page) == (2, 1, 1)
+            pick_cfg(page, 2)  # CFG parallel takes both ranks: Ulysses and ring go to 1
+            wait_number(page, "ulysses", 1)
+            assert layout_sizes(page) == (1, 1, 2)
+            wait_note(page, "Runs cfg 2 × ulysses 1 × ring 1 on 2 ranks · context parallel off")
+            move_slider(page, "ulysses", +1)  # Ulysses 2 with cfg 2 needs 4 ranks: flagged, not adjusted
+            note = wait_note(page, "Not valid")
+            assert "the product must equal the number of ranks" in note and layout_sizes(page) == (2, 1, 2)
+            before = set(gang.videos())
+            page.click("#generate")
+            error = wait_status(page, "^Error")
+            assert error.startswith("Error: layout: cfg_size 2 × ring_size 1 × ulysses_size 2 = 4, but the world size is 2")
+            page.get_by_text(re.compile("cfg_size 2 × ring_size 1 × ulysses_size 2 = 4")).first.wait_for()  # the modal
+            assert set(gang.videos()) == before  # refused: nothing ran
+
+            move_slider(page, "ulysses", -1)  # valid again: (1, 1, 2)
+            wait_note(page, "Runs cfg 2")
+            move_slider(page, "offload", +5)  # 0 → 0.25 in steps of 0.05
+            wait_number(page, "offload", 0.25)
+            move_slider(page, "swap", +2)
+            wait_number(page, "swap", 2)
+            page.locator("#prompt textarea").fill("cfg over two ranks, blocks swapped")
+            page.click("#generate")
+            wait_status(page, "^Done")
+            (mp4,) = sorted(set(gang.videos()) - before)
+            side = json.loads(mp4.with_suffix(".json").read_text())
+            assert side["layout"] == {"world_size": 2, "cfg_size": 2, "ring_size": 1, "ulysses_size": 1}
+            if "memory_mode" not in side:
+                pytest.xfail("the engine side of issue 15 (parallel/outputs.py memory_mode) is not on this branch yet")
+            assert (side["memory_mode"]["blocks_to_swap"], side["memory_mode"]["offload_percent"]) == (2, 0.25)
         finally:
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "test_two_rank_gang_serves_the_page_and_generates.png"),

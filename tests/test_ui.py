@@ -71,7 +71,9 @@ def test_generate_api_returns_the_mp4_first_and_the_seed_used(app):
     assert (side["size"], side["frame_num"], side["steps"]) == ("208*144", 5, 2)
     info = probe_mp4(mp4)
     assert (info["width"], info["height"], info["frames"], info["codec"]) == (208, 144, 5, "h264")
-    assert "Done" in status and str(seed_used) in status
+    assert status.startswith("Done") and str(seed_used) in status
+    assert "<" not in status and ">" not in status  # the API's status is plain text, not the page's HTML
+    assert side["layout"] == {"world_size": 1, "cfg_size": 1, "ring_size": 1, "ulysses_size": 1}
 
 
 @pytest.mark.parametrize(
@@ -83,10 +85,14 @@ def test_generate_api_returns_the_mp4_first_and_the_seed_used(app):
         ({"size": "100*100"}, "size", "multiples of 16"),
         ({"sample_steps": 0}, "sample_steps", "between 1 and 200"),
         ({"base_seed": -7}, "base_seed", "between -1 and"),
-        ({"layout": "ulysses 3 × ring 1"}, "layout", "must be one of: ulysses 1 × ring 1"),
+        ({"ulysses_size": 3}, "ulysses_size", "ulysses_size=3 does not divide the model's 4 attention heads"),
+        ({"ring_size": 2}, "layout", "the product must equal the number of ranks. Valid for 1 rank and 4 heads"),
+        ({"cfg_size": 3}, "cfg_size", "between 1 and 2"),
+        ({"offload_percent": 1.5}, "offload_percent", "must be between 0 and 1, got 1.5"),
+        ({"blocks_to_swap": 999}, "blocks_to_swap", "must be between 0 and 3, got 999"),
     ],
     ids=["frames_80", "empty_prompt", "prompt_10000_chars", "size_not_multiple_of_16", "steps_0", "seed_-7",
-         "layout_not_offered"],
+         "ulysses_3_does_not_divide_the_heads", "ring_2_on_1_rank", "cfg_3", "offload_1.5", "swap_over_the_blocks"],
 )
 def test_invalid_request_is_refused_with_the_field_and_allowed_values(app, values, field, allowed):
     from gradio_client.exceptions import AppError
@@ -106,7 +112,7 @@ def test_direct_post_to_the_run_route_is_refused(app):
     with logged_in_http(app) as http:
         for route in ("/gradio_api/run/generate", "/gradio_api/api/generate"):
             r = http.post(route, json={"data": ["a cat", "", "208*144", 5, 2, 5.0, 5.0, 1, "unipc", 1,
-                                                "ulysses 1 × ring 1", 0.0]})
+                                                1, 1, 1, 0.0, 0, 0.0, None, ""]})
             assert r.status_code == 404 and "join the queue" in r.json()["detail"], (route, r.text)
         assert http.post("/gradio_api/upload", files={"files": ("x.txt", b"x")}).status_code == 403
         assert "not enabled" in http.get("/monitoring").text
@@ -139,12 +145,12 @@ def test_full_queue_answers_busy(app):
     fn_index = next(d["id"] for d in client(app).config["dependencies"] if d.get("api_name") == "generate")
     with logged_in_http(app) as http:
         r = http.post("/gradio_api/queue/join", json={"data": ["refused", "", "208*144", 5, 2, 5.0, 5.0, -1, "unipc",
-                                                                1, "ulysses 1 × ring 1", 0.0],
+                                                                1, 1, 1, 1, 0.0, 0, 0.0, None, ""],
                                                        "fn_index": fn_index, "session_hash": "third"})
     assert r.status_code == 503 and "Queue is full" in r.json()["detail"], r.text
     with pytest.raises(Exception, match="Queue is full"):
         client(app).predict(prompt="refused too", api_name="/generate", **SMALL)
-    assert "Done" in running.result(timeout=120)[4] and "Done" in waiting.result(timeout=120)[4]  # both complete
+    assert running.result(timeout=120)[4].startswith("Done") and waiting.result(timeout=120)[4].startswith("Done")  # both complete
 
 
 # -- the UI's checks against a real-model, 4-rank configuration (nothing loaded) ---------------------------------
@@ -176,7 +182,8 @@ def fake_14b_server():
 def form(**changes):
     values = {"prompt": "a cat", "negative_prompt": "", "size": "832*480", "frame_num": 81, "sample_steps": 50,
               "sample_guide_scale": 5.0, "sample_shift": 5.0, "base_seed": -1, "sample_solver": "unipc",
-              "batch_size": 1, "layout": "ulysses 4 × ring 1", "teacache": 0.0}
+              "batch_size": 1, "ulysses_size": 4, "ring_size": 1, "cfg_size": 1, "offload_percent": 0.0,
+              "blocks_to_swap": 0, "teacache": 0.0}
     return {**values, **changes}
 
 
@@ -193,58 +200,193 @@ def test_size_not_in_the_real_models_list_names_the_allowed_sizes(fake_14b_serve
                                  "choose one of 1280*720, 720*1280, 832*480, 480*832")
 
 
-def test_layouts_offered_on_4_ranks_are_exactly_the_valid_ones_and_ulysses_3_is_refused(fake_14b_server):
+def test_layout_sliders_on_4_ranks_follow_each_other_and_flag_what_cannot_run(fake_14b_server):
+    """World 4, 40 heads: moving one size adjusts the others so that cfg × ring × ulysses = 4; Ulysses 3 (does
+    not divide 4 ranks nor 40 heads) stays as moved and the note says why."""
+    from ui_parts import adjust_layout, check_layout_sizes
+
+    st = fake_14b_server.state
+    assert adjust_layout(st, "ulysses", 2, 1, 1) == (2, 2, 1)
+    assert adjust_layout(st, "ulysses", 1, 1, 1) == (1, 4, 1)
+    assert adjust_layout(st, "ring", 4, 2, 1) == (2, 2, 1)
+    assert adjust_layout(st, "cfg", 4, 1, 2) == (2, 1, 2)  # Ulysses 4 does not fit 2 ranks: the largest that does
+    assert adjust_layout(st, "cfg", 1, 2, 2) == (1, 2, 2)
+    assert adjust_layout(st, "ulysses", 3, 1, 1) == (3, 1, 1)  # nothing fixes it: flagged
+    valid = {(u, r, c) for u in range(1, 5) for r in range(1, 5) for c in (1, 2)
+             if check_layout_sizes(st, u, r, c)[0] is not None}
+    assert valid == {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2)}
+    lay, note = check_layout_sizes(st, 2, 2, 1)
+    assert str(lay) == "ulysses 2 × ring 2"
+    assert note == "Runs ulysses 2 × ring 2 on 4 ranks · context parallel on (ulysses × ring = 4)"
+    lay, note = check_layout_sizes(st, 3, 1, 1)
+    assert lay is None and note.startswith("Not valid: ulysses_size=3 does not divide the model's 40 attention heads")
+    assert "Valid for 4 ranks: Ulysses 4 or Ulysses 2 × Ring 2 or Ring 4" in note
+
+
+def test_generate_refuses_an_invalid_layout_naming_the_field(fake_14b_server):
     import gradio as gr
 
     from engine.request import RequestError
-    from ui import Controller, layout_options
+    from ui import Controller
 
-    offered = layout_options(fake_14b_server.state)
-    assert set(offered.values()) == {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2)}
-    assert all(u * r * c == 4 and 40 % u == 0 for u, r, c in offered.values())
-    with pytest.raises(RequestError) as err:  # what an API caller sending raw sizes gets
+    with pytest.raises(RequestError) as err:  # what the dispatcher says for raw sizes
         fake_14b_server.dispatcher.validate({"prompt": "a cat", "size": "832*480", "ulysses_size": 3, "ring_size": 1})
     assert err.value.field == "layout"
-    assert "ulysses_size=3 does not divide the model's 40 attention heads" in str(err.value)
-    assert "Valid for 4 ranks: Ulysses 4 or Ulysses 2 × Ring 2 or Ring 4" in str(err.value)
+    ctl = Controller(fake_14b_server, fake_14b_server.cfg)
     with pytest.raises(gr.Error) as err:
-        Controller(fake_14b_server, fake_14b_server.cfg).raw_request(**form(layout="ulysses 3 × ring 1"))
-    assert err.value.message == ("layout: must be one of: ulysses 4 × ring 1; ulysses 2 × ring 2; ulysses 1 × ring 4; "
-                                 "cfg 2 × ulysses 2 × ring 1; cfg 2 × ulysses 1 × ring 2; got 'ulysses 3 × ring 1'")
+        ctl.raw_request(**form(ulysses_size=3))
+    assert err.value.title == "Invalid ulysses_size"
+    assert err.value.message.startswith("ulysses_size: ulysses_size=3 does not divide the model's 40 attention heads")
+    with pytest.raises(gr.Error) as err:
+        ctl.raw_request(**form(ulysses_size=2, ring_size=1))
+    assert err.value.message.startswith("layout: cfg_size 1 × ring_size 1 × ulysses_size 2 = 2, but the world size is 4")
+    with pytest.raises(gr.Error) as err:
+        ctl.raw_request(**form(blocks_to_swap=41))
+    assert err.value.message == "blocks_to_swap: must be between 0 and 40, got 41"
+    raw = ctl.raw_request(**form(ulysses_size=1, ring_size=2, cfg_size=2, offload_percent=0.25, blocks_to_swap=20))
+    assert (raw["ulysses_size"], raw["ring_size"], raw["cfg_size"]) == (1, 2, 2)
+    assert (raw["offload_percent"], raw["blocks_to_swap"]) == (0.25, 20)  # passed through to the dispatcher
+    req = ctl.dispatcher.validate(raw)
+    assert (req.offload_percent, req.blocks_to_swap) == (0.25, 20)
+    raw = ctl.raw_request(**form(ulysses_size="2", ring_size=2.0, cfg_size=" 1 ", offload_percent="0.5"))
+    assert (raw["ulysses_size"], raw["ring_size"], raw["cfg_size"], raw["offload_percent"]) == (2, 2, 1, 0.5)
+    assert all(type(raw[k]) is int for k in ("ulysses_size", "ring_size", "cfg_size"))  # numbers for layout_for
 
 
-def test_build_ui_for_14b_on_4_ranks_offers_its_sizes_layouts_and_read_only_start_up_settings(
+def test_an_error_sets_the_status_line_to_the_error(fake_14b_server):
+    import gradio as gr
+
+    from ui import Controller
+
+    ctl = Controller(fake_14b_server, fake_14b_server.cfg)
+    outs = []
+    with pytest.raises(gr.Error):
+        for out in ctl.generate(**form(frame_num=80), request=SimpleNamespace(session_hash="s")):
+            outs.append(out)
+    assert outs[-1][-1].startswith("Error: frame_num: must be 4n+1")
+
+    def submit(raw, progress=None, **_):
+        raise RuntimeError("CUDA out of memory\nmore")
+
+    fake_14b_server.dispatcher.submit = submit
+    outs = []
+    with pytest.raises(gr.Error):
+        for out in ctl.generate(**form(), request=SimpleNamespace(session_hash="s")):
+            outs.append(out)
+    assert outs[-1][-1] == "Error: generation failed: RuntimeError: CUDA out of memory"
+
+
+def test_build_ui_for_14b_on_4_ranks_offers_its_sizes_sliders_and_start_up_facts_as_text(
         fake_14b_server, tmp_path, monkeypatch):
     from app import build_ui
 
     for name in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED"):  # build_ui sets them; restored afterwards
         monkeypatch.setenv(name, "")
+    fake_14b_server.state.dit_fsdp = True
     cfg = fake_14b_server.cfg.replace(outputs_dir=str(tmp_path / "outputs"))
     demo = build_ui(fake_14b_server, cfg)
     assert Path(os.environ["GRADIO_TEMP_DIR"]) == (tmp_path / "outputs" / ".gradio-cache").resolve()
-    props = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"] if c["props"].get("elem_id")}
+    comps = {c["props"].get("elem_id"): c for c in demo.config["components"] if c["props"].get("elem_id")}
+    props = {k: c["props"] for k, c in comps.items()}
     assert [v for _, v in props["size"]["choices"]] == ["1280*720", "720*1280", "832*480", "480*832"]
-    assert props["layout"]["value"] == "ulysses 4 × ring 1" and len(props["layout"]["choices"]) == 5
     assert props["frames"]["step"] == 4 and props["frames"]["value"] == 81
+    for elem_id, word, value, hi in (("ulysses", "Ulysses", 4, 4), ("ring", "Ring", 1, 4), ("offload", "offload", 0.0, 1),
+                                     ("swap", "swap", 0, 40)):
+        assert comps[elem_id]["type"] == "slider" and word in props[elem_id]["label"], elem_id
+        assert (props[elem_id]["value"], props[elem_id]["maximum"]) == (value, hi), elem_id
+        assert props[elem_id].get("interactive") is not False, elem_id
+    assert props["offload"]["step"] == 0.05 and "whole blocks" in props["offload"]["info"]  # FSDP
+    assert [v for _, v in props["cfg"]["choices"]] == [1, 2] and props["cfg"]["value"] == 1
+    assert "Runs ulysses 4 × ring 1 on 4 ranks · context parallel on" in props["layout-note"]["value"]
     assert "random-weights-banner" not in json.dumps(demo.config, default=str)
-    read_only = {c["props"]["label"]: c["props"] for c in demo.config["components"]
-                 if c["type"] == "textbox" and c["props"].get("interactive") is False}
-    assert read_only["offload_percent"]["value"] == "0.0" and "--offload_percent" in read_only["offload_percent"]["info"]
-    assert read_only["World size (ranks)"]["value"] == "4" and "--nproc" in read_only["World size (ranks)"]["info"]
-    api = [d["api_name"] for d in demo.config["dependencies"] if d.get("api_visibility", "public") == "public"]
-    assert api == ["generate"]
+    read_only = [c["props"]["label"] for c in demo.config["components"]
+                 if c["type"] == "textbox" and c["props"].get("interactive") is False]
+    assert sorted(read_only) == ["Seed used", "Status"]  # start-up facts are text in the cluster panel, not inputs
+    cluster = props["cluster"]["value"]
+    assert "<th>world size</th><td>4 ranks on 1 node</td>" in cluster
+    assert "<th>context parallel (default layout)</th><td>on (ulysses × ring = 4)</td>" in cluster
+    assert "blocks_to_swap 0 · offload_percent 0" in cluster and "True" not in cluster and "False" not in cluster
+    presets = [v for _, v in props["preset"]["choices"]]
+    assert "auto" in presets and "balanced" in presets
+    api = [d for d in demo.config["dependencies"] if d.get("api_visibility", "public") == "public"]
+    assert [d["api_name"] for d in api] == ["generate"]
+    names = [p["parameter_name"] for p in demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]]
+    assert names == ["prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale",
+                     "sample_shift", "base_seed", "sample_solver", "batch_size", "ulysses_size", "ring_size",
+                     "cfg_size", "offload_percent", "blocks_to_swap", "teacache", "loras", "sample_timesteps"]
+    from tests.reliability_util import FIELDS
+    from ui import FORM_KEYS
+
+    assert tuple(names) == FORM_KEYS == FIELDS  # the fuzz attacks exactly the API's parameters, in its order
+
+
+def test_one_rank_fixes_the_layout_sliders_with_a_note(fake_14b_server, tmp_path, monkeypatch):
+    from app import build_ui
+    from parallel.layout import resolve_layout
+    from parallel.runtime import Runtime
+
+    for name in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED"):
+        monkeypatch.setenv(name, "")
+    st = fake_14b_server.state
+    st.rt = fake_14b_server.rt = Runtime(rank=0, world_size=1, local_rank=0, local_world_size=1,
+                                         device=torch.device("cpu"))
+    st.default_layout = resolve_layout(1, 40, None, None)
+    demo = build_ui(fake_14b_server, fake_14b_server.cfg.replace(outputs_dir=str(tmp_path / "outputs")))
+    props = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"] if c["props"].get("elem_id")}
+    for elem_id in ("ulysses", "ring", "cfg"):
+        assert props[elem_id]["interactive"] is False and props[elem_id]["value"] == 1, elem_id
+    assert "1 rank: restart with ./launch.sh --nproc N for more" in props["layout-note"]["value"]
+    assert "context parallel off" in props["layout-note"]["value"]
+    assert props["offload"].get("interactive") is not False and "whole blocks" not in props["offload"]["info"]
 
 
 def test_preset_fills_request_controls_and_explains_start_up_ones(fake_14b_server):
-    from ui import Controller
+    from ui import LAYOUT_KEYS, REQUEST_KEYS, Controller
 
     ctl = Controller(fake_14b_server, fake_14b_server.cfg)
-    out = ctl.apply_preset("8gpu_distributed")
-    *values, note = out
-    assert values[9] == 0.2  # teacache
-    assert "use_fsdp = True (now False)" in note and "offload_percent = 0.5" in note
-    assert "It is made for 8 ranks; this server runs 4" in note and "./launch.sh --nproc 8 --preset 8gpu_distributed" in note
+    *values, note = ctl.apply_preset("8gpu_distributed")
+    picked = dict(zip((*REQUEST_KEYS, *LAYOUT_KEYS), values))
+    assert (picked["teacache"], picked["offload_percent"], picked["blocks_to_swap"]) == (0.2, 0.5, 10)
+    assert "use_fsdp = true (now false)" in note and "offload_percent = 0.5" in note
+    assert "True" not in note and "False" not in note
+    assert "It is made for 8 ranks; this server runs 4 ranks" in note and "./launch.sh --nproc 8 --preset 8gpu_distributed" in note
     assert "does not fit this gang" in note  # ulysses 2 × ring 4 needs 8 ranks
+    assert "Valid for 4 ranks" in note
+    *values, note = ctl.apply_preset("auto")  # a stand-in server without model files: nothing to fill
+    assert "auto" in note
+    *values, note = ctl.apply_preset("(start-up settings)")
+    picked = dict(zip((*REQUEST_KEYS, *LAYOUT_KEYS), values))
+    assert (picked["ulysses_size"], picked["ring_size"], picked["cfg_size"], picked["blocks_to_swap"]) == (4, 1, 1, 0)
+
+
+def test_history_item_restores_the_form_from_its_sidecar(fake_14b_server):
+    from ui_parts import restored_form
+
+    meta = {"prompt": "a fox", "negative_prompt": "blurry", "seed": 12, "batch_index": 2, "size": "832*480",
+            "frame_num": 33, "steps": 20, "guidance": 4.5, "shift": 3.0, "solver": "euler", "batch_size": 3,
+            "teacache": 0.1, "sample_timesteps": [],
+            "layout": {"world_size": 4, "cfg_size": 2, "ring_size": 1, "ulysses_size": 2},
+            "memory_mode": {"blocks_to_swap": 20, "offload_percent": 0.25, "replan_s": 1.5}}
+    assert restored_form(meta, fake_14b_server.state) == {
+        "prompt": "a fox", "negative_prompt": "blurry", "base_seed": 10, "size": "832*480", "frame_num": 33,
+        "sample_steps": 20, "sample_guide_scale": 4.5, "sample_shift": 3.0, "sample_solver": "euler", "batch_size": 3,
+        "teacache": 0.1, "sample_timesteps": "", "ulysses_size": 2, "ring_size": 1, "cfg_size": 2,
+        "blocks_to_swap": 20, "offload_percent": 0.25}
+    other_world = {**meta, "layout": {"world_size": 8, "cfg_size": 1, "ring_size": 4, "ulysses_size": 2}}
+    assert "ulysses_size" not in restored_form(other_world, fake_14b_server.state)
+
+
+def test_words_on_the_page_are_plain():
+    from ui_parts import done_text, fmt_value, plural
+
+    out = SimpleNamespace(videos=["a.mp4"], request=SimpleNamespace(base_seed=7),
+                          meta={"timings": {"total_s": 3.0, "denoise_s": 2.0, "per_step_s": 1.0, "vae_decode_s": 1.0},
+                                "memory_mode": {"blocks_to_swap": 20, "offload_percent": 0.0, "replan_s": 2.5}})
+    assert done_text(out) == ("Done: 1 video in 3.0 s · denoise 2.0 s (1.00 s/step) · VAE decode 1.0 s · seed 7 · "
+                              "blocks_to_swap 20, offload_percent 0 (weights re-planned in 2.5 s)")
+
+    assert (plural(1, "rank"), plural(2, "rank")) == ("1 rank", "2 ranks")
+    assert (fmt_value(True), fmt_value(False), fmt_value(0.0), fmt_value(0.25)) == ("true", "false", "0", "0.25")
 
 
 # -- serving flags --------------------------------------------------------------------------------------------
@@ -297,7 +439,7 @@ def test_cancel_of_a_waiting_request_drops_it_when_its_turn_comes(fake_14b_serve
     ctl.is_waiting = lambda session: session == "s1"
     ctl.cancel(req)
     outs = list(ctl.generate(**form(), request=req))
-    assert "Cancelled before it started" in outs[-1][-1] and calls == []
+    assert outs[-1][-1] == "Cancelled before it started." and calls == []
     assert "s1" not in ctl._cancel_queued  # a later request of the session runs
 
 
