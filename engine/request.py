@@ -57,6 +57,10 @@ class GenerationRequest:
     sample_timesteps: tuple[float, ...] = ()
     # resolved LoRA files and strengths, in order, applied on every rank before the first DiT forward
     loras: tuple[tuple[str, float], ...] = ()
+    # image-to-video: the checked images as PNG bytes (the same on every rank); width/height are then the
+    # output size the official rule derives from the image's aspect ratio and the requested area
+    image: bytes | None = None
+    last_frame: bytes | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -84,6 +88,8 @@ class RequestLimits:
     count_tokens: Callable[[str], int] | None = None
     solvers: tuple[str, ...] = SOLVERS
     num_blocks: int = 40  # the DiT's blocks: the most blocks_to_swap can name
+    image_inputs: int = 0  # 0 text-to-video, 1 image-to-video (image), 2 first-last-frame (image, last_frame)
+    upload_dirs: tuple[str, ...] = ()  # where uploaded images may be read from by path (the server's own folders)
     models_dir: str | None = None  # request LoRA names are files in <models_dir>/loras (None: LoRAs refused)
 
 
@@ -203,15 +209,53 @@ def parse_loras(value: Any, limits: RequestLimits) -> tuple[tuple[str, float], .
     return tuple(out)
 
 
+def parse_images(raw: Mapping[str, Any], limits: RequestLimits, width: int, height: int,
+                 ) -> tuple[bytes | None, bytes | None, int, int]:
+    """(image, last_frame) as checked PNG bytes and the output (width, height) from the image's aspect ratio
+    at the area width × height; (None, None, width, height) for a text-to-video model (which refuses images)."""
+    import io
+    from pathlib import Path
+
+    from engine.i2v import i2v_size
+    from engine.images import load_image
+
+    names = ("image", "last_frame")[: limits.image_inputs]
+    for name in ("image", "last_frame"):
+        if name not in names and raw.get(name) is not None:
+            what = "a text-to-video" if limits.image_inputs == 0 else "an image-to-video (one image)"
+            raise RequestError(name, f"this server runs {what} model of size {limits.model}; it takes no {name}")
+    if not names:
+        return None, None, width, height
+    out: list[bytes] = []
+    size = None
+    for name in names:
+        if raw.get(name) is None:
+            raise RequestError(name, f"the {limits.model} image-to-video model needs {name} (a PNG, JPEG or WebP image)")
+        img = load_image(raw[name], name, tuple(Path(d) for d in limits.upload_dirs))
+        if size is None:
+            try:
+                size = i2v_size(width * height, img.height, img.width)
+            except ValueError as exc:
+                raise RequestError(name, str(exc)) from None
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")  # normalised: RGB PNG, the same bytes on every rank
+        out.append(buf.getvalue())
+    out += [None] * (2 - len(out))
+    return out[0], out[1], size.width, size.height
+
+
 def validate_request(raw: Mapping[str, Any], limits: RequestLimits, defaults: Mapping[str, Any] | None = None) -> GenerationRequest:
     """Check every field of a raw request (UI, API or CLI) and build a GenerationRequest."""
     d = {**(defaults or {}), **{k: v for k, v in raw.items() if v is not None}}
     prompt = _text("prompt", d.get("prompt"), limits, allow_empty=False)
     negative = _text("negative_prompt", d.get("negative_prompt", ""), limits, allow_empty=True) or DEFAULT_NEGATIVE_PROMPT
     width, height = parse_size(d.get("size", limits.sizes[0] if limits.sizes else "832*480"), limits)
+    image, last_frame, width, height = parse_images(raw, limits, width, height)
     frames = _number("frame_num", d.get("frame_num", 81), 1, MAX_FRAMES, integer=True)
     if (frames - 1) % 4:
         raise RequestError("frame_num", f"must be 4n+1 between 1 and {MAX_FRAMES} (e.g. 17, 33, 81), got {frames}")
+    if last_frame is not None and frames < 5:
+        raise RequestError("frame_num", f"first-last-frame video needs at least 5 frames (4n+1), got {frames}")
     solver = d.get("sample_solver", "unipc")
     if solver not in limits.solvers:
         raise RequestError("sample_solver", f"must be one of {', '.join(limits.solvers)}, got {str(solver)[:40]!r}")
@@ -258,4 +302,6 @@ def validate_request(raw: Mapping[str, Any], limits: RequestLimits, defaults: Ma
             _number("blocks_to_swap", d["blocks_to_swap"], 0, limits.num_blocks, integer=True)),
         sample_timesteps=timesteps,
         loras=loras,
+        image=image,
+        last_frame=last_frame,
     )

@@ -96,3 +96,40 @@ def test_paths_only_inside_the_upload_folder(tmp_path):
         load_image(uploads / "link.png", "image", (uploads,))
     with pytest.raises(RequestError, match="^image: must be a PNG, JPEG or WebP image .*; got int"):
         load_image(7, "image")
+
+
+# -- the request's image fields ------------------------------------------------------------------------------
+def _limits(inputs: int):
+    from engine.config import TINY_SIZES
+    from engine.request import RequestLimits
+
+    return RequestLimits(model="tiny", sizes=TINY_SIZES, any_multiple_of_16=True, image_inputs=inputs)
+
+
+def test_an_image_to_video_request_takes_its_size_from_the_image_and_the_area():
+    from engine.request import validate_request
+
+    req = validate_request({"prompt": "a fox", "size": "832*480", "frame_num": 5, "image": encoded("PNG", (1280, 720))},
+                           _limits(1))
+    assert (req.width, req.height) == (832, 464) and req.last_frame is None
+    assert Image.open(io.BytesIO(req.image)).format == "PNG"
+
+
+def test_image_fields_are_required_or_refused_by_the_model_kind():
+    from engine.request import validate_request
+
+    base = {"prompt": "a fox", "size": "64*64", "frame_num": 5}
+    with pytest.raises(RequestError, match="^image: this server runs a text-to-video model of size tiny; it takes no image$"):
+        validate_request({**base, "image": encoded("PNG")}, _limits(0))
+    with pytest.raises(RequestError, match="^image: the tiny image-to-video model needs image"):
+        validate_request(base, _limits(1))
+    with pytest.raises(RequestError, match="^last_frame: this server runs an image-to-video .one image. model"):
+        validate_request({**base, "image": encoded("PNG"), "last_frame": encoded("PNG")}, _limits(1))
+    with pytest.raises(RequestError, match="^last_frame: the tiny image-to-video model needs last_frame"):
+        validate_request({**base, "image": encoded("PNG")}, _limits(2))
+    with pytest.raises(RequestError, match="^last_frame: is not an image this server reads"):
+        validate_request({**base, "image": encoded("PNG"), "last_frame": b"junk"}, _limits(2))
+    with pytest.raises(RequestError, match="^frame_num: first-last-frame video needs at least 5 frames"):
+        validate_request({**base, "frame_num": 1, "image": encoded("PNG"), "last_frame": encoded("PNG")}, _limits(2))
+    both = validate_request({**base, "image": encoded("PNG"), "last_frame": encoded("JPEG", (80, 40))}, _limits(2))
+    assert both.image and both.last_frame
