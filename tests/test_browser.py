@@ -341,3 +341,45 @@ def test_two_rank_gang_serves_the_page_and_generates(browser, tmp_path, tiny_mod
                             full_page=True)
             ctx.close()
         assert "Initialized distributed environment with 2 processes" in gang.log(200_000)
+
+
+def test_a_lora_chosen_on_the_page_with_a_strength_is_applied_and_recorded(browser, tmp_path, tiny_model_dir):
+    """The LoRA accordion lists models/loras; choosing one shows its strength slider; the sidecar records both."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from engine.tiny import DIT_FILE
+
+    models = tmp_path / "models"
+    (models / "loras").mkdir(parents=True)
+    with safe_open(str(tiny_model_dir / "diffusion_models" / DIT_FILE), "pt") as f:
+        out_f, in_f = f.get_slice("blocks.0.self_attn.q.weight").get_shape()
+    g = torch.Generator().manual_seed(0)
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(2, in_f, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(out_f, 2, generator=g) * 0.1},
+              str(models / "loras" / "style.safetensors"))
+    with running_app(tmp_path / "app", tiny_model_dir, "--model_dir", str(models)) as app:
+        ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+        page = ctx.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            open_page(page, app.url)
+            page.get_by_role("button", name=re.compile("^LoRAs")).first.click()
+            page.locator("#lora-names input").first.click()
+            page.get_by_role("option", name="style.safetensors", exact=True).click()
+            page.locator("#lora-strength-0").wait_for(state="visible")
+            assert "Strength of style.safetensors" in page.locator("#lora-strength-0").inner_text()
+            assert not page.locator("#lora-strength-1").is_visible()
+            set_number(page, "lora-strength-0", 0.5)
+            fill_small_request(page, "a fox with a style", steps=1)
+            page.click("#generate")
+            wait_status(page, "^Done")
+            (mp4,) = app.videos()
+            side = json.loads(mp4.with_suffix(".json").read_text())
+            (used,) = side["loras"]["loras"]
+            assert (used["name"], used["strength"], used["tensors"]) == ("style.safetensors", 0.5, 1)
+        finally:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "test_lora_chosen_on_the_page.png"), full_page=True)
+            ctx.close()
