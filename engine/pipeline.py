@@ -95,6 +95,8 @@ class WanPipeline:
         self.cache: TeaCache | None = None
         self.last_timesteps: list[float] = []  # what the model saw in the last denoise
         self.teacache_off_reason = ""  # why the last request ran without the TeaCache it asked for
+        self.image_encoder: Any = None  # image-to-video: the CLIP vision tower (engine/clip.py)
+        self.dit_kwargs: dict[str, Tensor] = {}  # per request: the image branch's clip_fea and y
         self._teacache_off_logged = False
 
     # -- stages ---------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ class WanPipeline:
 
     def initial_noise(self, req: GenerationRequest) -> Tensor:
         """fp32 noise from CPU generators seeded base_seed + i (the same on every machine and rank)."""
-        shape = latent_shape(req.width, req.height, req.frame_num, self.dit.cfg.in_dim)
+        shape = latent_shape(req.width, req.height, req.frame_num, self.dit.cfg.out_dim)  # noise: 16 channels
         noise = [
             torch.randn(shape, generator=torch.Generator("cpu").manual_seed(req.base_seed + i), dtype=torch.float32)
             for i in range(req.batch_size)
@@ -125,7 +127,28 @@ class WanPipeline:
         self.dit_forwards += 1
         if self.cache is not None:
             self.cache.set_position(self.step, branch)
-        return self.dit(x, t, context)
+        return self.dit(x, t, context, **self.dit_kwargs)
+
+    def encode_images(self, req: GenerationRequest) -> None:
+        """Image-to-video: the CLIP tokens (B, 257·n, 1280) and the conditioning y (B, 20, F', h, w) of the
+        request's image(s), for every DiT forward of this request (both CFG branches, as the official code)."""
+        self.dit_kwargs = {}
+        if req.image is None:
+            return
+        import io
+
+        from PIL import Image
+
+        from engine.i2v import I2VSize, i2v_condition
+        from engine.images import image_tensor
+
+        frames = [image_tensor(Image.open(io.BytesIO(b)).convert("RGB")) for b in (req.image, req.last_frame) if b]
+        dev = self.device
+        clip = torch.cat([self.image_encoder.encode(f[None].to(dev)) for f in frames], dim=1)  # (1, 257·n, 1280)
+        size = I2VSize(req.height // 8, req.width // 8)
+        y = i2v_condition(self.vae, frames[0], req.frame_num, size, frames[1] if len(frames) > 1 else None)
+        b = req.batch_size
+        self.dit_kwargs = {"clip_fea": clip.float().expand(b, -1, -1), "y": y[None].to(dev).expand(b, -1, -1, -1, -1)}
 
     def predict_velocity(self, x: Tensor, t: Tensor, ctx_c: Tensor, ctx_u: Tensor, guide: float) -> Tensor:
         """Guided velocity through the current guidance strategy (sequential here, CFG-parallel from parallel/)."""
@@ -168,6 +191,10 @@ class WanPipeline:
         t0 = time.perf_counter()
         ctx_c, ctx_u = self.encode_prompts(req)
         timings["text_encoder_s"] = self._since(t0)
+        if req.image is not None:
+            t_img = time.perf_counter()
+            self.encode_images(req)
+            timings["image_encoder_s"] = self._since(t_img)
         t1 = time.perf_counter()
         latents = self.denoise(req, ctx_c, ctx_u, on_step)
         timings["denoise_s"] = self._since(t1)
@@ -194,6 +221,7 @@ class WanPipeline:
         cache's residuals, a block runner's in-flight state, and after a failure the DiT's size caches."""
         if self.cache is not None:
             self.cache._state.clear()
+        self.dit_kwargs = {}
         runner = self.dit.block_runner
         while runner is not None:
             reset = getattr(runner, "reset", None)
