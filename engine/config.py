@@ -1,4 +1,4 @@
-"""Model configs (1.3B, 14B, tiny), supported sizes and sampling defaults."""
+"""Model configs (1.3B, 14B, the I2V/FLF2V 14B, tiny ones), supported sizes and sampling defaults."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ TEXT_LEN = 512
 FPS = 16
 VAE_STRIDE = (4, 8, 8)  # (time, height, width) compression of the VAE
 PATCH = (1, 2, 2)  # DiT patch (t, h, w)
+CLIP_DIM = 1280  # width of the CLIP ViT-H/14 image tokens the image branch takes
+CLIP_TOKENS = 257  # tokens per image (16×16 patches + class token)
+MODEL_TYPES = ("t2v", "i2v", "flf2v")  # text-, image-, first-last-frame-to-video
 # umt5-xxl encoder (the Wan2.1 text encoder), as transformers' UMT5Config arguments
 UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64}
 
@@ -32,6 +35,22 @@ class DiTConfig:
     out_dim: int = 16
     eps: float = 1e-6
     text_len: int = TEXT_LEN
+    # "i2v" / "flf2v": the image branch (img_emb, k_img/v_img/norm_k_img; in_dim 36 = 16 noise + 20 of y)
+    model_type: str = "t2v"
+    image_dim: int = CLIP_DIM
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+
+    @property
+    def has_image_branch(self) -> bool:
+        return self.model_type != "t2v"
+
+    @property
+    def image_tokens(self) -> int:
+        """CLIP tokens the model takes per video: 0 (T2V), 257 (I2V), 2·257 (FLF2V: first and last frame)."""
+        return {"t2v": 0, "i2v": CLIP_TOKENS, "flf2v": 2 * CLIP_TOKENS}[self.model_type]
 
     @property
     def num_heads(self) -> int:
@@ -45,7 +64,9 @@ class DiTConfig:
     def name(self) -> str:
         """The named size this shape corresponds to, or 'custom'."""
         for name, cfg in DIT_CONFIGS.items():
-            if (cfg.dim, cfg.ffn_dim, cfg.num_layers) == (self.dim, self.ffn_dim, self.num_layers):
+            if (cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.model_type) == (
+                self.dim, self.ffn_dim, self.num_layers, self.model_type
+            ):
                 return name
         return "custom"
 
@@ -55,12 +76,20 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
     "14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40),
     # The embedded demo model: dim 512 → 4 heads of 128, so Ulysses 4 is testable.
     "tiny": DiTConfig(dim=512, ffn_dim=1024, num_layers=3, text_dim=64),
+    # Image-to-video (I2V-14B-480P and -720P share these shapes) and first-last-frame-to-video.
+    "i2v-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="i2v"),
+    "flf2v-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="flf2v"),
+    # tiny image models (tests, embedded random-weight demo): the tiny T2V shapes plus the image branch
+    "tiny-i2v": DiTConfig(dim=512, ffn_dim=1024, num_layers=3, text_dim=64, in_dim=36, model_type="i2v"),
+    "tiny-flf2v": DiTConfig(dim=512, ffn_dim=1024, num_layers=3, text_dim=64, in_dim=36, model_type="flf2v"),
 }
 
 # Sizes (W*H) each real model was trained for; the tiny model accepts any multiple of 16.
 SUPPORTED_SIZES: dict[str, tuple[str, ...]] = {
     "1.3B": ("832*480", "480*832"),
     "14B": ("1280*720", "720*1280", "832*480", "480*832"),
+    "i2v-14B": ("1280*720", "720*1280", "832*480", "480*832"),
+    "flf2v-14B": ("1280*720", "720*1280", "832*480", "480*832"),
 }
 TINY_SIZES = ("256*256", "208*144", "320*192", "192*320")
 
@@ -70,6 +99,11 @@ SAMPLE_DEFAULTS: dict[str, dict[str, float]] = {
     "14B": {"sample_shift": 5.0, "sample_guide_scale": 5.0, "frame_num": 81, "sample_steps": 50},
     # the random-weight demo model: short clips and few steps, so a CPU answers in seconds
     "tiny": {"sample_shift": 5.0, "sample_guide_scale": 5.0, "frame_num": 17, "sample_steps": 10},
+    # I2V: 40 steps, shift 5.0 (3.0 at 832*480 / 480*832, chosen with the size); FLF2V: 50 steps, shift 16
+    "i2v-14B": {"sample_shift": 5.0, "sample_guide_scale": 5.0, "frame_num": 81, "sample_steps": 40},
+    "flf2v-14B": {"sample_shift": 16.0, "sample_guide_scale": 5.0, "frame_num": 81, "sample_steps": 50},
+    "tiny-i2v": {"sample_shift": 5.0, "sample_guide_scale": 5.0, "frame_num": 17, "sample_steps": 10},
+    "tiny-flf2v": {"sample_shift": 5.0, "sample_guide_scale": 5.0, "frame_num": 17, "sample_steps": 10},
     "custom": {"sample_shift": 5.0, "sample_guide_scale": 5.0, "frame_num": 81, "sample_steps": 50},
 }
 

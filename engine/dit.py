@@ -1,4 +1,5 @@
-"""Wan2.1 text-to-video DiT, official key layout, written once without any parallel code.
+"""Wan2.1 DiT (text-to-video; the image branch of I2V/FLF2V in engine/dit_image.py), official key layout,
+written once without any parallel code.
 
 Hooks that `parallel/` (and the step cache) use without touching this file's math:
   * `WanAttention.attn_fn`: the attention kernel, (B, L, heads, head_dim) q/k/v → same shape.
@@ -127,7 +128,12 @@ class WanBlock(nn.Module):
         self.eps = cfg.eps
         self.self_attn = WanAttention(cfg.dim, cfg.num_heads, cfg.eps)
         self.norm3 = LayerNormAffine(cfg.dim, cfg.eps)
-        self.cross_attn = WanAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        if cfg.has_image_branch:  # context = [image tokens, text tokens]; k_img / v_img / norm_k_img
+            from engine.dit_image import ImageCrossAttention  # (it imports this module)
+
+            self.cross_attn: WanAttention = ImageCrossAttention(cfg.dim, cfg.num_heads, cfg.eps, cfg.text_len)
+        else:
+            self.cross_attn = WanAttention(cfg.dim, cfg.num_heads, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
@@ -196,7 +202,8 @@ def run_blocks(model: WanDiT, x: Tensor, e: Tensor, e0: Tensor, context: Tensor,
 
 
 class WanDiT(nn.Module):
-    """Wan2.1 T2V DiT: `model(x (B,16,F',H/8,W/8), t (B,), context (B,L<=512,text_dim)) -> velocity`."""
+    """Wan2.1 DiT: `model(x (B,16,F',H/8,W/8), t (B,), context (B,L<=512,text_dim)) -> velocity (B,16,…)`;
+    an image model (cfg.model_type i2v/flf2v) also takes `clip_fea=` and `y=` (engine.dit_image)."""
 
     # How the model may be split (diffusers-style class data used by parallel/).
     _repeated_blocks = ("WanBlock",)
@@ -206,6 +213,9 @@ class WanDiT(nn.Module):
     # match whole dotted components of a parameter name.
     keep_fp32: ClassVar[tuple[str, ...]] = (
         "time_embedding", "time_projection", "modulation", "norm3", "norm_q", "norm_k", "head.head",
+        # the image branch: its LayerNorms (fp32 in the official and diffusers models), FLF2V's position
+        # table (added to the fp32 CLIP tokens) and the image keys' RMS norm
+        "img_emb.proj.0", "img_emb.proj.4", "img_emb.emb_pos", "norm_k_img",
     )
     # How many RoPE tables (one per (grid, device)) are kept, least recently used evicted: a request uses one grid.
     rope_cache_size: ClassVar[int] = 1
@@ -220,6 +230,10 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        if cfg.has_image_branch:
+            from engine.dit_image import ImageEmbedding
+
+            self.img_emb = ImageEmbedding(cfg.image_dim, d, cfg.image_tokens if cfg.model_type == "flf2v" else 0)
         self.tokens: TokenLayout = LocalTokens()
         self.block_runner: Callable[..., Tensor] = run_blocks
         self._rope_cache: OrderedDict[tuple, Tensor] = OrderedDict()
@@ -259,7 +273,14 @@ class WanDiT(nn.Module):
         context = F.pad(context.to(self.dtype), (0, 0, 0, pad))
         return self.text_embedding(context)
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
+                y: Tensor | None = None) -> Tensor:
+        # 0. image models: y joins x on channels, the CLIP tokens are checked (engine.dit_image)
+        clip = None
+        if self.cfg.has_image_branch or clip_fea is not None or y is not None:
+            from engine.dit_image import prepare_image_inputs
+
+            x, clip = prepare_image_inputs(self.cfg, x, clip_fea, y)
         # 1. patchify: (B, C, F', H', W') → (B, L, dim), tokens in (frame, row, col) order
         b, _, f, h, w = x.shape
         grid = (f // PATCH[0], h // PATCH[1], w // PATCH[2])
@@ -268,6 +289,8 @@ class WanDiT(nn.Module):
         # 2. conditions: timestep embeddings (fp32) and text embedding
         e, e0 = self.time_embed(t)
         ctx = self.embed_text(context)
+        if clip is not None:  # image tokens first: (B, image_tokens + text_len, dim)
+            ctx = torch.cat([self.img_emb(clip, ctx.dtype), ctx], dim=1)
         # 3. blocks, on this rank's share of the tokens (RoPE by global position)
         tokens, rope = self.tokens.split(tokens, self.rope(grid, x.device))
         tokens = self.block_runner(self, tokens, e, e0, ctx, rope)
