@@ -21,7 +21,7 @@ from engine.checkpoint import (
     load_into,
     open_checkpoint,
 )
-from engine.config import HEAD_DIM, PATCH, DiTConfig
+from engine.config import CLIP_DIM, CLIP_TOKENS, HEAD_DIM, PATCH, DiTConfig
 from engine.dit import WanDiT
 
 log = logging.getLogger("wan.loading")
@@ -30,6 +30,15 @@ COMFY_PREFIX = "model.diffusion_model."
 
 # diffusers WanTransformer3DModel name → official name (applied in order; inverse of diffusers' converter)
 _DIFFUSERS_DIT_RENAMES = (
+    # the image branch first (its norm2 is img_emb's last LayerNorm, not a block's norm3)
+    ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+    ("condition_embedder.image_embedder.pos_embed", "img_emb.emb_pos"),
+    (".add_k_proj.", ".k_img."),
+    (".add_v_proj.", ".v_img."),
+    (".norm_added_k.", ".norm_k_img."),
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
     ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
     ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
@@ -69,8 +78,23 @@ def _dit_rename(keys: list[str]):
     return rename
 
 
+def dit_model_type(view: CheckpointView, path: Path | str) -> tuple[str, int]:
+    """("t2v" | "i2v" | "flf2v", CLIP token width) from the image-branch tensors the file holds."""
+    if "img_emb.proj.1.weight" not in view:
+        return "t2v", CLIP_DIM
+    image_dim = view.shape("img_emb.proj.1.weight")[1]
+    if "img_emb.emb_pos" not in view:
+        return "i2v", image_dim
+    pos = view.shape("img_emb.emb_pos")
+    if pos[1:] != (2 * CLIP_TOKENS, image_dim):
+        raise WrongModelError(f"{path}: img_emb.emb_pos has shape {pos}; a Wan2.1 FLF2V DiT has "
+                              f"(1, {2 * CLIP_TOKENS}, {image_dim})")
+    return "flf2v", image_dim
+
+
 def dit_config_from_shapes(view: CheckpointView, path: Path | str) -> DiTConfig:
-    """Infer dim, ffn, layers, text/freq dims from tensor shapes (heads = dim/128)."""
+    """Infer dim, ffn, layers, text/freq dims and the model type (image branch) from tensor shapes
+    (heads = dim/128)."""
     if "blocks.0.self_attn.q.weight" not in view:
         sample = next(iter(view), "<empty>")
         raise WrongModelError(
@@ -80,6 +104,7 @@ def dit_config_from_shapes(view: CheckpointView, path: Path | str) -> DiTConfig:
     if dim % HEAD_DIM:
         raise WrongModelError(f"{path}: dim {dim} is not a multiple of the head size {HEAD_DIM}")
     layers = 1 + max(int(k.split(".")[1]) for k in view if k.startswith("blocks."))
+    model_type, image_dim = dit_model_type(view, path)
     return DiTConfig(
         dim=dim,
         ffn_dim=view.shape("blocks.0.ffn.0.weight")[0],
@@ -88,6 +113,8 @@ def dit_config_from_shapes(view: CheckpointView, path: Path | str) -> DiTConfig:
         text_dim=view.shape("text_embedding.0.weight")[1],
         in_dim=view.shape("patch_embedding.weight")[1],
         out_dim=view.shape("head.head.weight")[0] // (PATCH[0] * PATCH[1] * PATCH[2]),
+        model_type=model_type,
+        image_dim=image_dim,
     )
 
 
@@ -113,7 +140,8 @@ def load_dit(
     expect: DiTConfig | None = None,
     host_names: set[str] | None = None,
 ) -> WanDiT:
-    """Load a Wan2.1 T2V DiT from any supported layout: `model(x, t, context) -> velocity`.
+    """Load a Wan2.1 DiT (T2V, I2V or FLF2V, from the shapes) from any supported layout:
+    `model(x, t, context) -> velocity`, image models also `clip_fea=`, `y=`.
 
     Tensors are converted to `dtype`, except `WanDiT.keep_fp32` ones, which stay float32 in a bf16/fp16 run.
     Tensors named in `host_names` (offloaded weights) are loaded to host memory instead of `device`.
