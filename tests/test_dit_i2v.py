@@ -306,7 +306,8 @@ def test_i2v_lora_loads_its_image_branch_keys(tmp_path):
 
 
 def _sp_rank(rank: int, world: int, init: str, sd, layout: dict, out: str) -> None:
-    """One rank of the 2-rank test: the tiny FLF2V DiT under a sequence-parallel layout (gloo)."""
+    """One rank of the 2-rank test: the small FLF2V DiT under a sequence-parallel layout (gloo), its blocks
+    and root (img_emb included) FSDP-sharded when `layout` says fsdp."""
     import torch.distributed as dist
 
     from parallel.apply import apply_layout
@@ -317,6 +318,15 @@ def _sp_rank(rank: int, world: int, init: str, sd, layout: dict, out: str) -> No
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         ours = model(FLF2V, sd)
+        layout = dict(layout)
+        if layout.pop("fsdp", False):
+            from torch.distributed.tensor import DTensor
+
+            from parallel.fsdp import apply_fsdp, flat_mesh
+
+            apply_fsdp(ours, ours.blocks, flat_mesh(torch.device("cpu"), world))
+            assert isinstance(ours.img_emb.proj[1].weight, DTensor)
+            assert isinstance(ours.blocks[0].cross_attn.k_img.weight, DTensor)
         groups = MeshCache(world, rank).get(ParallelLayout(**layout))
         apply_layout(SimpleNamespace(dit=ours, guidance=None), groups, get_kernel("math", torch.device("cpu")))
         x, t, ctx, clip, y = inputs(FLF2V, grid=(3, 10, 18))  # 135 tokens: not a multiple of 2
@@ -330,7 +340,8 @@ def _sp_rank(rank: int, world: int, init: str, sd, layout: dict, out: str) -> No
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout", [{"ulysses": 2}, {"ring": 2}], ids=["ulysses2", "ring2"])
+@pytest.mark.parametrize("layout", [{"ulysses": 2}, {"ring": 2}, {"ulysses": 2, "fsdp": True}],
+                         ids=["ulysses2", "ring2", "ulysses2-fsdp"])
 def test_two_rank_sequence_parallel_matches_one_process(layout, tmp_path):
     import torch.multiprocessing as mp
 
