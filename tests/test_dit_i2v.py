@@ -352,3 +352,20 @@ def test_two_rank_sequence_parallel_matches_one_process(layout, tmp_path):
     with torch.no_grad():
         want = model(FLF2V, sd)(x, t, ctx, clip_fea=clip, y=y)
     assert rel_err(torch.load(out), want) < 1e-5
+
+
+def test_regional_compile_of_image_blocks_matches_eager_without_graph_breaks():
+    from torch._dynamo.utils import counters
+
+    from parallel.speed import apply_compile
+
+    ours = model(I2V, image_state_dict(I2V))
+    x, t, ctx, clip, y = inputs(I2V, b=1, grid=(2, 8, 8))
+    with torch.no_grad():
+        want = ours(x, t, ctx, clip_fea=clip, y=y)
+        torch._dynamo.reset()
+        counters.clear()
+        apply_compile(ours, "aot_eager")
+        got = ours(x, t, ctx, clip_fea=clip, y=y)
+    assert rel_err(got, want) < 1e-6
+    assert counters["frames"]["ok"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
