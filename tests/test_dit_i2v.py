@@ -369,3 +369,22 @@ def test_regional_compile_of_image_blocks_matches_eager_without_graph_breaks():
         got = ours(x, t, ctx, clip_fea=clip, y=y)
     assert rel_err(got, want) < 1e-6
     assert counters["frames"]["ok"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_block_swap_and_teacache_wrap_the_image_model():
+    from engine.teacache import TeaCache
+    from parallel.offload import apply_offload, plan_offload
+
+    ours = model(I2V, image_state_dict(I2V))
+    x, t, ctx, clip, y = inputs(I2V, b=1, grid=(2, 8, 8))
+    with torch.no_grad():
+        want = ours(x, t, ctx, clip_fea=clip, y=y)
+        apply_offload(ours, plan_offload(ours.blocks, 1, 0.5), torch.device("cpu"))
+        assert torch.equal(ours(x, t, ctx, clip_fea=clip, y=y), want)  # streamed blocks, same math
+        cache = TeaCache(ours.block_runner, threshold=1e9, coefficients=[0.0, 1.0])
+        ours.block_runner = cache
+        cache.begin(3)
+        assert torch.equal(ours(x, t, ctx, clip_fea=clip, y=y), want)  # step 0 computes
+        cache.set_position(1, "cond")
+        skipped = ours(x, t, ctx, clip_fea=clip, y=y)  # same step input: the cached residual reproduces it
+    assert cache.skipped == [(1, "cond")] and rel_err(skipped, want) < 1e-6
