@@ -39,8 +39,10 @@ def random_hf_model(cfg: ClipVisionConfig, seed: int = 0) -> CLIPVisionModelWith
 def reference_model(hf: CLIPVisionModelWithProjection) -> CLIPVisionModel:
     """The same weights in a plain CLIPVisionModel (the reference forward)."""
     ref = CLIPVisionModel(hf.config).eval()
-    missing = ref.vision_model.load_state_dict(hf.vision_model.state_dict())
-    assert not missing.missing_keys and not missing.unexpected_keys
+    sd = {k: v for k, v in hf.state_dict().items() if not k.startswith("visual_projection.")}
+    if not any(k.startswith("vision_model.") for k in ref.state_dict()):  # transformers 5 drops the prefix
+        sd = {k.removeprefix("vision_model."): v for k, v in sd.items()}
+    ref.load_state_dict(sd, strict=True)
     return ref
 
 
