@@ -72,7 +72,8 @@ class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (as the official CLIP)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type_as(x)
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class QuickGELU(nn.Module):
