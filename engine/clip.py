@@ -72,7 +72,8 @@ class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (as the official CLIP)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type_as(x)
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class QuickGELU(nn.Module):
@@ -265,7 +266,10 @@ def _hints(path: Path, sd: LazyStateDict) -> dict:
 
 def _config(sd: LazyStateDict, layout: str, path: Path, hints: dict) -> ClipVisionConfig:
     """The model size from the tensor shapes (heads from the hints or the usual width → heads table)."""
-    names = _names(layout, 1)
+    names, keys = _names(layout, 1), set(sd)
+    for need in (names["pos_embedding"][0], names["blocks.0.mlp.0.weight"][0]):
+        if need not in keys:
+            raise WrongModelError(f"{path} is not a complete CLIP image encoder: tensor '{need}' is missing")
     patch = sd.shape(names["patch_embedding.weight"][0])
     pos = sd.shape(names["pos_embedding"][0])
     if len(patch) != 4 or patch[1] != 3 or patch[2] != patch[3]:
@@ -282,10 +286,7 @@ def _config(sd: LazyStateDict, layout: str, path: Path, hints: dict) -> ClipVisi
     heads = hints.get("heads", KNOWN_HEADS.get(width))
     if heads is None or width % heads:
         raise WrongModelError(f"{path}: cannot tell the number of attention heads of a CLIP of width {width}")
-    fc1 = names["blocks.0.mlp.0.weight"][0]
-    if fc1 not in set(sd):
-        raise WrongModelError(f"{path} is not a complete CLIP image encoder: tensor '{fc1}' is missing")
-    mlp = sd.shape(fc1)[0]
+    mlp = sd.shape(names["blocks.0.mlp.0.weight"][0])[0]
     try:
         return ClipVisionConfig(grid * p, p, width, layers, heads, mlp, hints.get("eps", 1e-5),
                                 hints.get("activation", "gelu"))
