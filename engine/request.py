@@ -213,12 +213,6 @@ def parse_images(raw: Mapping[str, Any], limits: RequestLimits, width: int, heig
                  ) -> tuple[bytes | None, bytes | None, int, int]:
     """(image, last_frame) as checked PNG bytes and the output (width, height) from the image's aspect ratio
     at the area width × height; (None, None, width, height) for a text-to-video model (which refuses images)."""
-    import io
-    from pathlib import Path
-
-    from engine.i2v import i2v_size
-    from engine.images import load_image
-
     names = ("image", "last_frame")[: limits.image_inputs]
     for name in ("image", "last_frame"):
         if name not in names and raw.get(name) is not None:
@@ -226,6 +220,12 @@ def parse_images(raw: Mapping[str, Any], limits: RequestLimits, width: int, heig
             raise RequestError(name, f"this server runs {what} model of size {limits.model}; it takes no {name}")
     if not names:
         return None, None, width, height
+    import io
+    from pathlib import Path
+
+    from engine.i2v import i2v_size  # torch: only for image-to-video models (the CLI checks stay torch-free)
+    from engine.images import load_image
+
     out: list[bytes] = []
     size = None
     for name in names:
