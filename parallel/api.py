@@ -206,7 +206,8 @@ def video_object(job: dict[str, Any], model: str) -> dict[str, Any]:
         timings["total_s"] = round(finished - created, 3)
         if started is not None:
             timings["run_s"] = round(finished - started, 3)
-    timings.update(job["timings"] or {})
+    if job["timings"]:
+        timings["stages"] = job["timings"]  # the sidecar's: text encoder, denoise, per step, VAE decode, mp4
     videos = [p for p in job["outputs"] if p.endswith(".mp4")]
     shown = {k: v for k, v in req.items() if not k.startswith("_") and k not in IMAGE_FIELDS}
     shown.update({k: f"<{k} of this job>" for k in req.get("_images", [])})

@@ -38,7 +38,7 @@ class Metrics:
         self.step = Histogram("wan_step_seconds", "Seconds per denoising step (all ranks in lockstep).",
                               buckets=STEP_BUCKETS, registry=r)
         self.memory_peak = Gauge("wan_gpu_memory_peak_bytes", "Peak device memory of the last request, per rank "
-                                 "(0 on CPU ranks).", ["rank"], registry=r)
+                                 "(CUDA allocator peak; on a CPU rank the process's peak RSS).", ["rank"], registry=r)
         self.restarts = Counter("wan_gang_restarts", "Times torchrun restarted the gang after a failure (kept in "
                                 "the job store across restarts).", registry=r)
 
