@@ -125,7 +125,7 @@ def decode_image(name: str, value: Any) -> bytes:
 
     what = f"must be a PNG, JPEG or WebP image as a base64 string (at most {MAX_IMAGE_BYTES // 2**20} MB)"
     if not isinstance(value, str):
-        raise RequestError(name, f"{what}, got {type(value).__name__}")
+        raise RequestError(name, f"{what}; got {type(value).__name__}")
     text = value.strip()
     if text.startswith("data:"):
         header, sep, text = text.partition(",")
