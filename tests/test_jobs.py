@@ -245,7 +245,7 @@ def api_client(server, tmp_path, key: str | None = KEY, listen: str = "127.0.0.1
     from starlette.applications import Starlette
 
     with warnings.catch_warnings():  # starlette 1.x: "install httpx2" (httpx is what this project pins)
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
 
     from parallel.api import api_routes
