@@ -131,6 +131,18 @@ def test_a_job_is_queued_runs_and_its_content_is_the_mp4_and_the_metrics_count_i
     assert after['wan_videos_failed_total{reason="rank_failed"}'] == 0
 
 
+def test_the_pages_file_route_serves_neither_the_job_store_nor_the_jobs_inputs(gang):
+    from tests.reliability_util import raw_get
+
+    outputs = gang.outputs.resolve()
+    (outputs / "jobs" / "video_probe").mkdir(parents=True, exist_ok=True)
+    (outputs / "jobs" / "video_probe" / "image").write_bytes(b"PRIVATE-INPUT")
+    for target in (outputs / "jobs.sqlite", outputs / "jobs.sqlite-wal", outputs / "jobs" / "video_probe" / "image"):
+        for prefix in ("/gradio_api/file=", "/gradio_api/file/"):
+            status, body = raw_get(gang.port, f"{prefix}{target}")
+            assert status in (403, 404) and b"SQLite" not in body and b"PRIVATE" not in body, (target, status)
+
+
 def test_bad_fields_are_refused_with_the_field_and_the_allowed_values(gang):
     cases = [
         ({"frame_num": 80}, 422, "frame_num", "frame_num: must be 4n+1 between 1 and 241 (e.g. 17, 33, 81), got 80"),
