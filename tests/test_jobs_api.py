@@ -197,7 +197,7 @@ def test_the_page_and_the_api_share_one_queue_in_one_order(gang):
     from gradio_client import Client
 
     running = post(gang, seed=21, **{**QUICK, "sample_steps": 12})
-    until(gang, running["id"], lambda j: j["status"] == "in_progress", what="the first job to start")
+    until(gang, running["id"], lambda j: j["status"] != "queued", what="the first job to start")
     page = Client(gang.url, verbose=False, download_files=False).submit(
         prompt="from the page", base_seed=22, api_name="/generate", **QUICK)
     page_job = wait_for(lambda: next((j for j in api(gang, "GET", "/v1/videos").json()["data"]
