@@ -126,7 +126,9 @@ def resolve_auth(cfg: RunConfig) -> list[tuple[str, str]] | None:
 def _gradio_env(cfg: RunConfig) -> None:
     """Keep Gradio's file cache inside outputs_dir (nothing written or served elsewhere); no telemetry.
     Set before gradio is imported: some of its modules read these at import time."""
-    os.environ["GRADIO_TEMP_DIR"] = str(Path(cfg.outputs_dir).resolve() / ".gradio-cache")
+    from engine.cli import upload_dir
+
+    os.environ["GRADIO_TEMP_DIR"] = str(upload_dir(cfg))
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 

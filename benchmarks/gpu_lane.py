@@ -7,6 +7,7 @@ through the normal loaders; the text encoder is umt5-xxl's width (4096) with 2 l
     python benchmarks/gpu_lane.py --part presets,modes  # one device call
     python benchmarks/gpu_lane.py --part faults,restart,paths
     python benchmarks/gpu_lane.py --part replan,lora      # per-request memory mode and LoRA switches
+    python benchmarks/gpu_lane.py --part i2v              # image-to-video 14B (benchmarks/gpu_lane_i2v.py)
     python benchmarks/gpu_lane.py --smoke --device cpu  # the same code at tiny sizes on a CPU (a test)
 
 Each case is its own gang: `torchrun --standalone --nproc_per_node 1 tests/gang.py` with WAN_ONE_RANK_GROUPS=1
@@ -347,14 +348,17 @@ def main() -> None:
     tag = "cpu" if a.device == "cpu" else gpu.split()[1].lower() if len(gpu.split()) > 1 else gpu.lower()
     out_path = Path(a.out or ROOT / "benchmarks" / "results" / f"gpu_lane_{tag}.json")
     say(f"GPU lane on {gpu}, torch {torch.__version__}, parts {a.part}, work {work}")
-    m = write_models(work / "models", a.smoke, "cuda" if a.device == "cuda" else "cpu")
+    parts = a.part.split(",")
+    if parts == ["i2v"]:  # its own model folder only (the T2V 14B and the I2V 14B do not both fit the disk)
+        m = {"flags": [] if a.smoke else ["--task"], "dit_gib": 0.0}
+    else:
+        m = write_models(work / "models", a.smoke, "cuda" if a.device == "cuda" else "cpu")
     size = a.size or ("208*144" if a.smoke else "832*480")
     req = {"prompt": "a red fox running through fresh snow", "size": size, "frame_num": a.frames,
            "sample_steps": a.steps, "base_seed": 7}
     cal = ([{"size": "208*144", "frame_num": 9}] if a.smoke else
            [{"size": "832*480", "frame_num": 81}, {"size": "1280*720", "frame_num": 81},
             {"size": "832*480", "frame_num": 81, "batch_size": 2}])
-    parts = a.part.split(",")
     global ONLY
     ONLY = set(a.only.split(",")) if a.only else None
     cases: list[dict] = []
@@ -370,6 +374,11 @@ def main() -> None:
             cases += part_restart(m, req, work)
         elif p == "paths":
             cases += part_paths(a.device)
+        elif p == "i2v":
+            sys.modules.setdefault("benchmarks.gpu_lane", sys.modules[__name__])
+            from benchmarks import gpu_lane_i2v
+
+            cases += gpu_lane_i2v.part_i2v(m, req, work)
         elif p in ("replan", "lora"):
             sys.modules.setdefault("benchmarks.gpu_lane", sys.modules[__name__])  # one LOG, one ONLY
             from benchmarks import gpu_lane_switch

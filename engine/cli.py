@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 import textwrap
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-TASKS = ("t2v-14B", "t2v-1.3B")
+TASKS = ("t2v-14B", "t2v-1.3B", "i2v-14B", "flf2v-14B")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "flash_attn_2", "flash_attn_3", "flash_attn_4", "sage",
                       "math")
 
@@ -25,10 +26,14 @@ class RunConfig:
     t5: str | None = None
     vae: str | None = None
     tokenizer: str | None = None
+    clip: str | None = None  # image-to-video: the CLIP image encoder file
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # request defaults (generate.py flags)
     prompt: str | None = None
     negative_prompt: str = ""
+    image: str | None = None  # image-to-video: the first frame (official flag; --first_frame for FLF2V)
+    first_frame: str | None = None
+    last_frame: str | None = None
     size: str | None = None
     frame_num: int | None = None  # None: the model's default (81; 17 for the tiny model)
     sample_steps: int | None = None
@@ -99,11 +104,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # flag groups of --help, in order: (title, description, field names)
 GROUPS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
     ("model files", "which weights are loaded (none found in model_dir: the embedded tiny model, random weights)",
-     ("model_dir", "ckpt_dir", "dit", "t5", "vae", "tokenizer", "task", "dtype", "lora")),
+     ("model_dir", "ckpt_dir", "dit", "t5", "vae", "clip", "tokenizer", "task", "dtype", "lora")),
     ("request defaults", "the start-up values of every request; the page and the /generate API change them per "
      "request (as they do ulysses_size, ring_size, cfg_size, offload_percent, blocks_to_swap). --prompt runs one "
      "request headless and exits",
-     ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_shift", "sample_guide_scale",
+     ("prompt", "negative_prompt", "image", "first_frame", "last_frame", "size", "frame_num", "sample_steps",
+      "sample_shift", "sample_guide_scale",
       "sample_solver", "sample_timesteps", "base_seed", "batch_size", "save_file", "save_latents", "outputs_dir")),
     ("parallel layout", "how the ranks split the work; cfg_size x ring_size x ulysses_size = ranks, and Ulysses "
      "must divide the heads (14B: 40, 1.3B: 12)",
@@ -121,25 +127,33 @@ GROUPS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
 # flags a user may know under another name (the guide's preset keys)
 _ALIASES = {"teacache_cache_device": ("--cache_device",)}
 _METAVAR = {"size": "W*H", "model_dir": "DIR", "ckpt_dir": "DIR", "outputs_dir": "DIR", "dit": "FILE", "t5": "FILE",
-            "vae": "FILE", "tokenizer": "PATH", "save_file": "PATH", "save_latents": "PATH", "lora": "PATH[:STRENGTH]",
+            "vae": "FILE", "clip": "FILE", "image": "PATH", "first_frame": "PATH", "last_frame": "PATH",
+            "tokenizer": "PATH", "save_file": "PATH", "save_latents": "PATH", "lora": "PATH[:STRENGTH]",
             "prompt": "TEXT", "negative_prompt": "TEXT", "sample_timesteps": "T1,T2,...", "preset": "NAME|FILE",
             "auth": "USER:PASS[,...]", "auth_file": "FILE", "api_key": "KEY", "api_key_file": "FILE",
             "listen": "HOST", "log_level": "LEVEL",
             "compile_backend": "NAME"}
 # what every flag does (its allowed values in words where they are not a choice list)
 _HELP = {
-    "task": "the model size the checkpoint must have; a file of another size is refused",
-    "ckpt_dir": "an official Wan-AI/Wan2.1-T2V download or a diffusers folder (instead of model_dir's files)",
-    "model_dir": "folder with diffusion_models/, text_encoders/, vae/ (ComfyUI layout) and loras/",
+    "task": "the model the checkpoint must be (text-, image- or first-last-frame-to-video, and its size); a file of "
+            "another kind or size is refused; with no weights, the embedded tiny model of that kind",
+    "ckpt_dir": "an official Wan-AI/Wan2.1-T2V, -I2V or -FLF2V download or a diffusers folder (instead of model_dir's "
+                "files)",
+    "model_dir": "folder with diffusion_models/, text_encoders/, vae/, clip_vision/ (ComfyUI layout) and loras/",
     "dit": "DiT file name in model_dir/diffusion_models, or a path",
     "t5": "text encoder file name in model_dir/text_encoders, or a path",
     "vae": "VAE file name in model_dir/vae, or a path",
+    "clip": "image-to-video: CLIP image encoder file name in model_dir/clip_vision, or a path",
     "tokenizer": "umt5 tokenizer folder or tokenizer.json",
     "dtype": "weights and compute precision",
     "prompt": "run headless: generate this prompt once, save the video and exit (no web page)",
-    "negative_prompt": "negative prompt; empty = the official Chinese one",
+    "negative_prompt": "negative prompt; empty = the official Chinese one (of the model's task)",
+    "image": "image-to-video (--task i2v-14B): the first frame, a PNG, JPEG or WebP file (headless runs)",
+    "first_frame": "first-last-frame-to-video (--task flf2v-14B): the first frame (headless runs; = --image)",
+    "last_frame": "first-last-frame-to-video (--task flf2v-14B): the last frame (headless runs)",
     "size": "video W*H (real models: their trained sizes, 14B 1280*720, 720*1280, 832*480, 480*832; 1.3B "
-            "832*480, 480*832; the tiny model: any multiples of 16)",
+            "832*480, 480*832; the tiny model: any multiples of 16); image-to-video: the area, the shape follows the "
+            "image's aspect ratio",
     "frame_num": "frames, 4n+1 between 1 and 241 (e.g. 17, 33, 81)",
     "sample_steps": "denoising steps, 1 to 200",
     "sample_shift": "noise-schedule shift, greater than 0 and at most 20",
@@ -201,14 +215,16 @@ _DEFAULT_TEXT = {
     "task": "inferred from the file's shapes",
     "ckpt_dir": "none: model_dir's files",
     "dit": "the file matching the task", "t5": "the one in model_dir/text_encoders", "vae": "the one in model_dir/vae",
+    "clip": "the one in model_dir/clip_vision (image-to-video models only)",
+    "image": "none", "first_frame": "none", "last_frame": "none",
     "tokenizer": "next to the text encoder",
     "dtype": "auto: bf16 on CUDA, fp32 on the CPU",
     "prompt": "none: serve the web page",
     "negative_prompt": "the official one",
     "size": "the model's first size: 1280*720 (14B), 832*480 (1.3B), 256*256 (tiny)",
     "frame_num": "81; 17 for the tiny model",
-    "sample_steps": "50",
-    "sample_shift": "5.0; 1.3B: 8.0",
+    "sample_steps": "50; I2V: 40",
+    "sample_shift": "5.0; 1.3B: 8.0; I2V: 3.0 at 832*480 and 480*832; FLF2V: 16.0",
     "sample_guide_scale": "5.0; 1.3B: 6.0",
     "sample_timesteps": "none: the solver's own grid",
     "lora": "none",
@@ -383,6 +399,15 @@ def check_config(cfg: RunConfig) -> None:
     defaults["sample_solver"] = ("euler" if cfg.sample_timesteps and "sample_solver" not in cfg.cli_keys
                                  else cfg.sample_solver)  # as engine.factory.model_info sets it
     raw = {**headless_request(cfg), "size": None} if cfg.prompt is not None else {}
+    if cfg.image and cfg.first_frame:
+        raise RequestError("first_frame", "give the first frame once: --image or --first_frame (the same flag)")
+    if cfg.last_frame and not (cfg.image or cfg.first_frame):
+        raise RequestError("last_frame", "needs the first frame too (--first_frame PATH)")
+    from engine.images import decode_image
+
+    for name in IMAGE_FIELDS:  # every image flag is read and decoded now (a missing or damaged file stops here)
+        if raw.get(name) is not None:
+            decode_image(raw.pop(name), _image_flag(cfg, name))
     validate_request(raw, RequestLimits(model="any", sizes=(), any_multiple_of_16=True), defaults)
     _at_least("blocks_to_swap", cfg.blocks_to_swap, 0, integer=True)
     if cfg.world_size is not None:
@@ -413,4 +438,38 @@ def headless_request(cfg: RunConfig) -> dict[str, Any]:
                                         "batch_size", "ulysses_size", "ring_size", "cfg_size", "teacache")}
     if cfg.sample_timesteps and "sample_solver" not in cfg.cli_keys and cfg.sample_solver == "unipc":
         raw["sample_solver"] = None  # explicit timesteps take the distilled Euler update unless a solver was asked
+    for name in IMAGE_FIELDS:
+        path = (cfg.image or cfg.first_frame) if name == "image" else cfg.last_frame
+        if path:
+            raw[name] = read_image_file(path, _image_flag(cfg, name))
     return raw
+
+
+IMAGE_FIELDS = ("image", "last_frame")  # the request fields of the image flags
+
+
+def upload_dir(cfg: RunConfig) -> Path:
+    """The one folder the page's uploads land in (Gradio's file cache inside outputs_dir); a request may name an
+    image by path only inside it, and the page deletes each upload once its request is over."""
+    return Path(cfg.outputs_dir).resolve() / ".gradio-cache"
+
+
+def _image_flag(cfg: RunConfig, name: str) -> str:
+    """The flag a request's image field came from (for messages)."""
+    return name if name == "last_frame" else "first_frame" if cfg.first_frame else "image"
+
+
+def read_image_file(path: str, flag: str) -> bytes:
+    """The bytes of an image named on the command line (the user's own file: any path), size-checked."""
+    from engine.request import RequestError
+
+    max_bytes = 20 * 2**20  # engine.images.MAX_IMAGE_BYTES (that module imports PIL)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise RequestError(flag, f"{path}: no such file (a PNG, JPEG or WebP image)")
+    if p.stat().st_size > max_bytes:
+        raise RequestError(flag, f"{path} is {p.stat().st_size / 2**20:.1f} MB; the limit is {max_bytes // 2**20} MB")
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise RequestError(flag, f"{path}: cannot be read ({exc.strerror or exc})") from None

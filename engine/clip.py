@@ -61,6 +61,8 @@ class ClipVisionConfig:
 
 CLIP_H14 = ClipVisionConfig()
 TINY_CLIP = ClipVisionConfig(image_size=28, patch_size=14, width=64, layers=4, heads=4, mlp=256)
+# the embedded tiny image-to-video model's encoder: ViT-H/14's 257 tokens, narrow (64) and shallow
+TINY_IMAGE_CLIP = ClipVisionConfig(image_size=224, patch_size=14, width=64, layers=3, heads=4, mlp=256)
 # heads cannot be read from tensor shapes: the usual ViT widths (B, L, H, bigG) and the tiny one
 KNOWN_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16, TINY_CLIP.width: TINY_CLIP.heads}
 

@@ -20,6 +20,12 @@ DEFAULT_NEGATIVE_PROMPT = (
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
+# the official configs prepend camera terms per task: I2V "camera shake", FLF2V also "camera cut"
+NEGATIVE_PROMPTS = {
+    "t2v": DEFAULT_NEGATIVE_PROMPT,
+    "i2v": "镜头晃动，" + DEFAULT_NEGATIVE_PROMPT,
+    "flf2v": "镜头切换，镜头晃动，" + DEFAULT_NEGATIVE_PROMPT,
+}
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,10 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
     "i2v-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="i2v"),
     "flf2v-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="flf2v"),
     # tiny image models (tests, embedded random-weight demo): the tiny T2V shapes plus the image branch
-    "tiny-i2v": DiTConfig(dim=512, ffn_dim=1024, num_layers=3, text_dim=64, in_dim=36, model_type="i2v"),
-    "tiny-flf2v": DiTConfig(dim=512, ffn_dim=1024, num_layers=3, text_dim=64, in_dim=36, model_type="flf2v"),
+    # (image_dim 64: the tiny CLIP encoder's width, engine/clip.py TINY_IMAGE_CLIP)
+    "tiny-i2v": DiTConfig(dim=512, ffn_dim=1024, num_layers=3, text_dim=64, in_dim=36, model_type="i2v", image_dim=64),
+    "tiny-flf2v": DiTConfig(dim=512, ffn_dim=1024, num_layers=3, text_dim=64, in_dim=36, model_type="flf2v",
+                            image_dim=64),
 }
 
 # Sizes (W*H) each real model was trained for; the tiny model accepts any multiple of 16.

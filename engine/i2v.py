@@ -16,7 +16,6 @@ from torch import Tensor
 
 VAE_STRIDE = (4, 8, 8)
 PATCH = (1, 2, 2)
-I2V_NEGATIVE_PREFIX = "镜头晃动，"  # the official I2V negative prompt = this + the T2V one
 # official sampling defaults (generate.py): I2V 40 steps, shift 3.0 at 480p (5.0 otherwise), guidance 5;
 # FLF2V 50 steps, shift 16, guidance 5
 I2V_DEFAULTS = {"sample_steps": 40, "sample_shift": 5.0, "sample_guide_scale": 5.0}
@@ -25,7 +24,8 @@ FLF2V_DEFAULTS = {"sample_steps": 50, "sample_shift": 16.0, "sample_guide_scale"
 
 
 def i2v_shift(width: int, height: int) -> float:
-    """The official I2V default shift for a requested size: 3.0 at 832*480 / 480*832, else 5.0."""
+    """The official I2V default shift for a requested size: 3.0 at 832*480 / 480*832, else 5.0 (the same rule as
+    engine.request.validate_request's, which stays torch-free)."""
     return I2V_480P_SHIFT if {width, height} == {832, 480} else I2V_DEFAULTS["sample_shift"]
 
 
@@ -101,7 +101,7 @@ def i2v_condition(vae, first: Tensor, frames: int, size: I2VSize, last: Tensor |
     if frames < least or (frames - 1) % VAE_STRIDE[0]:
         raise ValueError(f"frame_num must be 4n+1 (at least {least}), got {frames}")
     video = conditioning_video(first.float(), frames, size, None if last is None else last.float())
-    dev = next(vae.parameters()).device
-    lat = vae.encode(video[None].to(dev)).float()[0]  # (16, F', h, w)
+    w = next(vae.parameters())
+    lat = vae.encode(video[None].to(w.device, w.dtype)).float()[0]  # (16, F', h, w)
     msk = i2v_mask(frames, size.lat_h, size.lat_w, last is not None, device=lat.device)
     return torch.cat([msk, lat])

@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from engine.request import RequestError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: the CLI's early checks decode images without it
+    from torch import Tensor
 
 MAX_IMAGE_BYTES = 20 * 2**20
 MAX_IMAGE_SIDE = 8192
@@ -100,6 +101,7 @@ def load_image(source: bytes | str | Path, field: str, allowed_dirs: tuple[Path,
 def image_tensor(img) -> Tensor:
     """RGB PIL image → (3, H, W) float32 in [-1, 1] (the official `to_tensor().sub_(0.5).div_(0.5)`)."""
     import numpy as np
+    import torch
 
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
     return arr.permute(2, 0, 1).float().div(255.0).sub(0.5).div(0.5)

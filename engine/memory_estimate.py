@@ -21,6 +21,7 @@ GIB = 2**30
 WAN_VAE_PARAMS = 126_892_531  # engine.vae.WanVAE(dim=96): encoder + decoder (both are loaded)
 VAE_HALO = 13  # engine.vae.tail_halo(): the decoder tail's receptive radius, latent pixels
 VAE_TILE = 64  # engine.vae.DEFAULT_TILE core, latent pixels
+CLIP_WIDTH = 1280  # engine.clip.CLIP_H14 (ViT-H/14)
 ROPE_BYTES_PER_TOKEN = 2 * 128 * 4  # (L, 2, head_dim) float32 table
 MAX_FRAMES = 241  # engine.request.MAX_FRAMES
 
@@ -145,28 +146,43 @@ class Estimate:
     @property
     def resident(self) -> int:
         """Bytes held between requests (weights): already outside the free memory of a loaded server."""
-        return self.parts["resident_weights"] + self.parts["text_encoder_resident"] + self.parts["vae_weights"]
+        return (self.parts["resident_weights"] + self.parts["text_encoder_resident"] + self.parts["vae_weights"]
+                + self.parts.get("image_encoder", 0))
 
 
 # ----------------------------------------------------------------------------------------------------
 # weights
 # ----------------------------------------------------------------------------------------------------
 def block_linears(cfg: DiTConfig) -> list[int]:
-    """Parameter counts of a DiT block's Linear layers: q, k, v, o of both attentions, the FFN's two."""
+    """Parameter counts of a DiT block's Linear layers: q, k, v, o of both attentions, the FFN's two (and the
+    image branch's k_img, v_img)."""
     d, f = cfg.dim, cfg.ffn_dim
-    return [d * d + d] * 8 + [d * f + f, f * d + d]
+    return [d * d + d] * (10 if cfg.has_image_branch else 8) + [d * f + f, f * d + d]
 
 
 def block_params(cfg: DiTConfig) -> int:
-    """Parameters of one DiT block (Linears + qk-norms, norm3 and the modulation: 12·dim)."""
-    return sum(block_linears(cfg)) + 12 * cfg.dim
+    """Parameters of one DiT block (Linears + qk-norms, norm3 and the modulation: 12·dim; norm_k_img: dim)."""
+    return sum(block_linears(cfg)) + (13 if cfg.has_image_branch else 12) * cfg.dim
 
 
 def other_params(cfg: DiTConfig) -> int:
-    """Parameters outside the blocks: patch, text and time embeddings, time projection, head."""
+    """Parameters outside the blocks: patch, text and time embeddings, time projection, head (and img_emb)."""
     d, p = cfg.dim, math.prod(PATCH)
-    return (cfg.in_dim * p * d + d) + (cfg.text_dim * d + d + d * d + d) + (cfg.freq_dim * d + d + d * d + d) \
+    n = (cfg.in_dim * p * d + d) + (cfg.text_dim * d + d + d * d + d) + (cfg.freq_dim * d + d + d * d + d) \
         + (6 * d * d + 6 * d) + (d * cfg.out_dim * p + cfg.out_dim * p + 2 * d)
+    if cfg.has_image_branch:  # img_emb: LayerNorm, Linear(c, c), GELU, Linear(c, dim), LayerNorm (+ FLF2V emb_pos)
+        c = cfg.image_dim
+        n += 2 * c + (c * c + c) + (c * d + d) + 2 * d + (cfg.image_tokens * c if cfg.model_type == "flf2v" else 0)
+    return n
+
+
+def image_encoder_params(cfg: DiTConfig) -> int:
+    """Parameters of the CLIP ViT-H/14 tower the image branch uses (31 of 32 blocks; 0 for text-to-video)."""
+    if not cfg.has_image_branch:
+        return 0
+    w, mlp, blocks = CLIP_WIDTH, 4 * CLIP_WIDTH, 31
+    per_block = 4 * (w * w + w) + (w * mlp + mlp) + (mlp * w + w) + 4 * w
+    return blocks * per_block + 3 * 14 * 14 * w + (257 + 1) * w + 2 * w
 
 
 def offloaded_params(cfg: DiTConfig, blocks_to_swap: int, offload_percent: float) -> list[int]:
@@ -271,7 +287,9 @@ def estimate(inp: EstimateInputs, cal: Calibration = DEFAULT) -> Estimate:
         video = 3 * r.frame_num * rows * r.width * dt
         feats = 4 * inp.vae_dim * f_lat * h * w * dt + 2 * 16 * f_lat * h * w * dt
         vae_work = coef * dt / 2 * _vae_pixels(inp) + video + feats + latent / b
-    base = resident + t5_resident + vae_w + fixed
+    # image-to-video: the CLIP tower next to the text encoder (fp16), and the VAE encoding the conditioning video
+    clip_w = image_encoder_params(cfg) * 2 if m.t5 != "cpu" else 0.0
+    base = resident + t5_resident + vae_w + fixed + clip_w
     phases = {
         "encode": base + t5_encode,
         "embed": base + root_unsharded + embed + latents + cfg_bytes,
@@ -280,13 +298,15 @@ def estimate(inp: EstimateInputs, cal: Calibration = DEFAULT) -> Estimate:
     if m.vae_decode:
         dit_gone = resident if m.offload_model and fsdp_world == 1 else 0.0
         phases["decode"] = base - dit_gone + vae_work
+    if cfg.has_image_branch:  # every rank VAE-encodes [image, zeros…]: assumed to hold what an untiled decode does
+        phases["image_encode"] = base + (vae_w if not m.vae_decode else 0.0) + vae_work + latents
     peak_phase = max(phases, key=phases.get)
     allocated = phases[peak_phase]
     overhead = cal.CUDA_CONTEXT_BYTES + (cal.NCCL_BYTES if m.world_size > 1 else 0) + cal.ALLOCATOR_SLACK * allocated
     parts = {"resident_weights": resident, "streamed_buffers": streamed, "activations": act, "embedding": embed,
              "sequence_parallel_buffers": sp_buf, "latents": latents, "cfg": cfg_bytes,
              "text_encoder_resident": t5_resident, "text_encoder_encode": t5_encode, "vae_weights": vae_w,
-             "vae_decode": vae_work, "fixed": fixed, "overhead": overhead}
+             "vae_decode": vae_work, "fixed": fixed, "image_encoder": clip_w, "overhead": overhead}
     return Estimate({k: int(v) for k, v in parts.items()}, {k: int(v) for k, v in phases.items()}, peak_phase,
                     int(allocated), int(overhead))
 

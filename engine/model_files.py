@@ -13,6 +13,7 @@ log = logging.getLogger("wan.models")
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_VAE = "Wan2.1_VAE.pth"
 OFFICIAL_TOKENIZER = "google/umt5-xxl"
+OFFICIAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 
 
 @dataclass
@@ -23,7 +24,9 @@ class ModelFiles:
     t5: Path
     vae: Path
     tokenizer: Path | None = None
+    image_encoder: Path | None = None  # image-to-video models: the CLIP vision tower (None: not found)
     random_weights: bool = False
+    embedded: bool = False  # the embedded tiny model (no weights were found)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -65,8 +68,9 @@ def _pick(kind: str, flag: str, folder: Path, choice: str | None, prefer: tuple[
 
 
 def _diffusers_folder(root: Path) -> ModelFiles:
-    tok = root / "tokenizer"
-    return ModelFiles(root / "transformer", root / "text_encoder", root / "vae", tok if tok.exists() else None)
+    tok, clip = root / "tokenizer", root / "image_encoder"
+    return ModelFiles(root / "transformer", root / "text_encoder", root / "vae", tok if tok.exists() else None,
+                      clip if clip.is_dir() else None)
 
 
 def _official_folder(root: Path, tokenizer: str | None) -> ModelFiles:
@@ -76,7 +80,9 @@ def _official_folder(root: Path, tokenizer: str | None) -> ModelFiles:
     if missing:
         raise ModelNotFoundError(f"--ckpt_dir {root} is not an official Wan2.1 checkpoint folder; missing: {', '.join(missing)}")
     tok = Path(tokenizer) if tokenizer else root / OFFICIAL_TOKENIZER
-    return ModelFiles(root, root / OFFICIAL_T5, root / OFFICIAL_VAE, tok if tok.exists() else None)
+    clip = root / OFFICIAL_CLIP
+    return ModelFiles(root, root / OFFICIAL_T5, root / OFFICIAL_VAE, tok if tok.exists() else None,
+                      clip if clip.is_file() else None)
 
 
 def find_model_files(
@@ -87,6 +93,7 @@ def find_model_files(
     vae: str | None = None,
     tokenizer: str | None = None,
     task: str | None = None,
+    clip: str | None = None,
 ) -> ModelFiles | None:
     """The model files to use, or None when nothing was asked for and nothing is there (→ the tiny model).
 
@@ -99,10 +106,15 @@ def find_model_files(
             raise ModelNotFoundError(f"--ckpt_dir {root}: no such folder")
         files = _diffusers_folder(root) if (root / "transformer").is_dir() else _official_folder(root, tokenizer)
         files.tokenizer = Path(tokenizer) if tokenizer else files.tokenizer
+        if clip or files.image_encoder is None:  # the checkpoint's own encoder unless --clip names another
+            files.image_encoder = _pick_clip(Path(model_dir), clip) or files.image_encoder
         return files
     root = Path(model_dir)
     if (root / "transformer").is_dir() and not dit:
-        return _diffusers_folder(root)
+        files = _diffusers_folder(root)
+        if clip or files.image_encoder is None:
+            files.image_encoder = _pick_clip(root, clip) or files.image_encoder
+        return files
     prefer = ("14b",) if task and "14B" in task else ("1.3b", "1_3b") if task and "1.3B" in task else ("14b",)
     searched: list[str] = []
     dit_p = _pick("DiT", "--dit", root / "diffusion_models", dit, prefer, searched)
@@ -117,4 +129,18 @@ def find_model_files(
             "Expected the layout models/diffusion_models/*.safetensors, models/text_encoders/umt5_xxl_*.safetensors, "
             "models/vae/*.safetensors (or pass --ckpt_dir with an official or diffusers checkpoint folder)."
         )
-    return ModelFiles(dit_p, t5_p, vae_p, Path(tokenizer) if tokenizer else None)
+    return ModelFiles(dit_p, t5_p, vae_p, Path(tokenizer) if tokenizer else None, _pick_clip(root, clip))
+
+
+def _pick_clip(model_dir: Path, clip: str | None) -> Path | None:
+    """--clip NAME (a path or a file in model_dir/clip_vision), else the one there (clip_vision_h preferred)."""
+    return _pick("CLIP image encoder", "--clip", model_dir / "clip_vision", clip, ("clip_vision_h", "vit-h", "vit_h"), [])
+
+
+def image_encoder_missing(files: ModelFiles, model_dir: str | Path) -> ModelNotFoundError:
+    """The error for an image-to-video DiT without its CLIP image encoder, naming every place searched."""
+    return ModelNotFoundError(
+        f"{files.dit} is an image-to-video model, which needs the CLIP image encoder (open-clip "
+        f"xlm-roberta-large-vit-huge-14), and none was found. Searched: {Path(model_dir) / 'clip_vision'}/*"
+        f"{{{','.join(WEIGHT_SUFFIXES)}}}, {OFFICIAL_CLIP} in --ckpt_dir, image_encoder/ of a diffusers folder. "
+        "Put ComfyUI's clip_vision_h.safetensors in models/clip_vision/ (or pass --clip FILE).")

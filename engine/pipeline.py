@@ -142,9 +142,17 @@ class WanPipeline:
         from engine.i2v import I2VSize, i2v_condition
         from engine.images import image_tensor
 
+        if self.image_encoder is None:
+            raise RuntimeError("this pipeline has no image encoder: an image-to-video request needs one")
         frames = [image_tensor(Image.open(io.BytesIO(b)).convert("RGB")) for b in (req.image, req.last_frame) if b]
         dev = self.device
-        clip = torch.cat([self.image_encoder.encode(f[None].to(dev)) for f in frames], dim=1)  # (1, 257·n, 1280)
+        if self.offload_t5:  # --offload_model: the encoders visit the GPU only while encoding
+            self.image_encoder.to(dev)
+        try:
+            clip = torch.cat([self.image_encoder.encode(f[None]) for f in frames], dim=1).to(dev)  # (1, 257·n, 1280)
+        finally:
+            if self.offload_t5:
+                self.image_encoder.to("cpu")
         size = I2VSize(req.height // 8, req.width // 8)
         y = i2v_condition(self.vae, frames[0], req.frame_num, size, frames[1] if len(frames) > 1 else None)
         b = req.batch_size
@@ -244,8 +252,8 @@ class WanPipeline:
                 log.info("%s", self.teacache_off_reason)
                 self._teacache_off_logged = True
         if req.teacache > 0 and not self.teacache_off_reason:
-            self.cache = TeaCache(base, req.teacache, coefficients_for(self.model_key), self.teacache_device,
-                                  self.teacache_agree)
+            coefficients = coefficients_for(self.model_key, req.width * req.height)
+            self.cache = TeaCache(base, req.teacache, coefficients, self.teacache_device, self.teacache_agree)
             self.cache.begin(req.sample_steps)
             self.dit.block_runner = self.cache
         else:

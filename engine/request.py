@@ -91,6 +91,8 @@ class RequestLimits:
     image_inputs: int = 0  # 0 text-to-video, 1 image-to-video (image), 2 first-last-frame (image, last_frame)
     upload_dirs: tuple[str, ...] = ()  # where uploaded images may be read from by path (the server's own folders)
     models_dir: str | None = None  # request LoRA names are files in <models_dir>/loras (None: LoRAs refused)
+    default_negative: str = DEFAULT_NEGATIVE_PROMPT  # what an empty negative prompt means (the task's official one)
+    shift_by_size: bool = False  # I2V: an unset sample_shift is 3.0 at 832*480 / 480*832, else 5.0 (official)
 
 
 def _fmt(v: float) -> str:
@@ -248,8 +250,11 @@ def validate_request(raw: Mapping[str, Any], limits: RequestLimits, defaults: Ma
     """Check every field of a raw request (UI, API or CLI) and build a GenerationRequest."""
     d = {**(defaults or {}), **{k: v for k, v in raw.items() if v is not None}}
     prompt = _text("prompt", d.get("prompt"), limits, allow_empty=False)
-    negative = _text("negative_prompt", d.get("negative_prompt", ""), limits, allow_empty=True) or DEFAULT_NEGATIVE_PROMPT
+    negative = _text("negative_prompt", d.get("negative_prompt", ""), limits, allow_empty=True) or limits.default_negative
     width, height = parse_size(d.get("size", limits.sizes[0] if limits.sizes else "832*480"), limits)
+    shift = d.get("sample_shift")
+    if shift is None:  # the requested size (the area), before the image's aspect ratio reshapes it
+        shift = (3.0 if {width, height} == {832, 480} else 5.0) if limits.shift_by_size else 5.0
     image, last_frame, width, height = parse_images(raw, limits, width, height)
     frames = _number("frame_num", d.get("frame_num", 81), 1, MAX_FRAMES, integer=True)
     if (frames - 1) % 4:
@@ -288,7 +293,7 @@ def validate_request(raw: Mapping[str, Any], limits: RequestLimits, defaults: Ma
         frame_num=frames,
         sample_steps=steps,
         sample_guide_scale=float(_number("sample_guide_scale", d.get("sample_guide_scale", 5.0), 0, 20, integer=False)),
-        sample_shift=float(_number("sample_shift", d.get("sample_shift", 5.0), 0, 20, integer=False, lo_open=True)),
+        sample_shift=float(_number("sample_shift", shift, 0, 20, integer=False, lo_open=True)),
         sample_solver=solver,
         base_seed=seed,
         batch_size=_number("batch_size", d.get("batch_size", 1), 1, MAX_BATCH, integer=True),

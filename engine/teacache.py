@@ -17,11 +17,20 @@ from torch import Tensor
 COEFFICIENTS = {
     "14B": [-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404],
     "1.3B": [2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01],
+    "i2v-14B-480P": [-3.02331670e02, 2.23948934e02, -5.25463970e01, 5.87348440e00, -2.01973289e-01],
+    "i2v-14B-720P": [-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683],
 }
+AREA_480P = 832 * 480
 
 
-def coefficients_for(model_key: str) -> list[float]:
-    """The 14B coefficients for the 14B model, the 1.3B ones for everything else (tiny included)."""
+def coefficients_for(model_key: str, area: int = 0) -> list[float]:
+    """The model's TeaCache4Wan2.1 coefficients: 14B and 1.3B by name (the 1.3B ones for the tiny and custom
+    models); image-to-video by the request's area, since the I2V-14B-480P and -720P files have the same shapes
+    (the 480P set up to 832·480 pixels, else the 720P set; FLF2V-14B is a 720P model)."""
+    if model_key == "i2v-14B":
+        return COEFFICIENTS["i2v-14B-480P" if area <= AREA_480P else "i2v-14B-720P"]
+    if model_key == "flf2v-14B":
+        return COEFFICIENTS["i2v-14B-720P"]
     return COEFFICIENTS["14B" if model_key == "14B" else "1.3B"]
 
 

@@ -27,6 +27,9 @@ TINY_VERSION = "v2"
 TINY_VAE_DIM = 16
 TINY_T5 = {"vocab_size": 2048, "d_model": 64, "num_layers": 2, "num_heads": 4, "d_kv": 16, "d_ff": 128}
 DIT_FILE = "wan2.1_t2v_tiny_random.safetensors"
+TINY_KINDS = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v"}  # model type → its tiny DiT config
+TINY_IMAGE_VERSION = "v1"
+CLIP_FILE = "clip_vision_tiny_random.safetensors"
 T5_FILE = "umt5_tiny_random.safetensors"
 VAE_FILE = "wan_2.1_vae_tiny_random.safetensors"
 RANDOM_FILES_NOTICE = (
@@ -83,35 +86,51 @@ def _tiny_dit_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def write_tiny_model(root: Path) -> None:
-    """Write the tiny model's files under root in the seed's layout (deterministic)."""
+def dit_file(kind: str) -> str:
+    """The tiny DiT's file name for a model type (t2v, i2v, flf2v)."""
+    return DIT_FILE.replace("_t2v_", f"_{kind}_")
+
+
+def write_tiny_model(root: Path, kind: str = "t2v") -> None:
+    """Write the tiny model's files under root in the seed's layout (deterministic); the image-to-video kinds
+    also get a tiny CLIP image encoder in clip_vision/ (ComfyUI's layout)."""
     from engine.dit import WanDiT
     from engine.text_encoder import build_tiny_tokenizer
     from engine.vae import WanVAE
 
     with torch.device("meta"):
-        dit = WanDiT(DIT_CONFIGS["tiny"])
+        dit = WanDiT(DIT_CONFIGS[TINY_KINDS[kind]])
         vae = WanVAE(dim=TINY_VAE_DIM, z_dim=16)
     (root / "diffusion_models").mkdir(parents=True)
     (root / "text_encoders").mkdir()
     (root / "vae").mkdir()
     meta = {"random_weights": "true", "note": "embedded tiny Wan2.1 with random weights; outputs are noise"}
-    save_file(_tiny_dit_state_dict(dit), root / "diffusion_models" / DIT_FILE, metadata=meta)
+    if kind != "t2v":
+        from engine.clip import TINY_IMAGE_CLIP, write_random_image_encoder
+
+        write_random_image_encoder(root / "clip_vision" / CLIP_FILE, TINY_IMAGE_CLIP, seed=5)
+    save_file(_tiny_dit_state_dict(dit), root / "diffusion_models" / dit_file(kind), metadata=meta)
     save_file(_tiny_t5_state_dict(), root / "text_encoders" / T5_FILE, metadata=meta)
     build_tiny_tokenizer(root / "text_encoders" / "tokenizer", vocab_size=TINY_T5["vocab_size"])
     save_file(random_weights(vae, seed=3), root / "vae" / VAE_FILE, metadata=meta)
     (root / "README.txt").write_text(RANDOM_WEIGHTS_NOTICE + "\n")
 
 
-def default_tiny_dir(model_dir: str | Path) -> Path:
-    """Where the tiny model lives: $WAN_TINY_DIR, else a hidden folder inside model_dir."""
+def default_tiny_dir(model_dir: str | Path, kind: str = "t2v") -> Path:
+    """Where the tiny model lives: $WAN_TINY_DIR, else a hidden folder inside model_dir (one per model type)."""
     env = os.environ.get("WAN_TINY_DIR")
-    return Path(env) if env else Path(model_dir) / f".tiny-random-{TINY_VERSION}"
+    name = f".tiny-random-{TINY_VERSION}" if kind == "t2v" else f".tiny-random-{kind}-{TINY_IMAGE_VERSION}"
+    if env:
+        return Path(env) if kind == "t2v" else Path(env).with_name(Path(env).name + f"-{kind}")
+    return Path(model_dir) / name
 
 
-def ensure_tiny_model(root: str | Path) -> Path:
+def ensure_tiny_model(root: str | Path, kind: str = "t2v") -> Path:
     """Generate the tiny model at root unless it is already there; safe when many processes race."""
-    return write_atomically(root, write_tiny_model, "the embedded tiny random-weight model", f"vae/{VAE_FILE}")
+    if kind not in TINY_KINDS:
+        raise ValueError(f"no tiny model of type {kind!r} (types: {', '.join(TINY_KINDS)})")
+    what = "the embedded tiny random-weight model" + ("" if kind == "t2v" else f" ({kind})")
+    return write_atomically(root, lambda folder: write_tiny_model(folder, kind), what, f"vae/{VAE_FILE}")
 
 
 def write_atomically(root: str | Path, write, what: str, marker: str) -> Path:

@@ -15,9 +15,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from engine.cli import RunConfig
-from engine.config import DIT_CONFIGS
 from engine.dit import LocalTokens, WanDiT
-from engine.factory import ModelInfo, model_info, resolve_dtype, resolve_files
+from engine.factory import ModelInfo, model_info, resolve_dtype, resolve_files, task_config
 from engine.loading import build_dit, load_dit, load_text_encoder, load_vae, open_dit
 from engine.pipeline import SequentialCFG, WanPipeline
 from parallel.kernels import Kernel, get_kernel
@@ -158,8 +157,7 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
     )
 
     view, dcfg = open_dit(files.dit, dtype)
-    if cfg.task:  # --task t2v-14B / t2v-1.3B: the file must be that model (else: first mismatching tensor)
-        dcfg = DIT_CONFIGS[cfg.task.split("-", 1)[1]]
+    dcfg = task_config(cfg, files) or dcfg  # --task: the file must be that model (else: first mismatching tensor)
     model = build_dit(dcfg, dtype)  # each tensor in its run dtype (keep_fp32 ones fp32) before sharding
     planner = plan_fsdp_offload if mesh is not None else plan_offload
     plan = planner(model.blocks, cfg.blocks_to_swap, cfg.offload_percent)
@@ -181,6 +179,21 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
     model = load_dit(files.dit, rt.device, dtype, expect=dcfg, host_names=host_param_names(model, plan) or None)
     apply_offload(model, plan, rt.device)
     return model
+
+
+def load_image_encoder_for(dit: WanDiT, cfg: RunConfig, files, device: torch.device, dtype: torch.dtype):
+    """Image-to-video DiTs: the CLIP image encoder, on every rank (each conditions its own copy of the request),
+    where the text encoder runs (--t5_cpu keeps both on the CPU); fp16 on CUDA as the official code, else fp32.
+    None for text-to-video."""
+    if not dit.cfg.has_image_branch:
+        return None
+    from engine.clip import load_image_encoder
+    from engine.model_files import image_encoder_missing
+
+    if files.image_encoder is None:
+        raise image_encoder_missing(files, cfg.model_dir)
+    enc_dtype = torch.float16 if device.type == "cuda" and dtype != torch.float32 else torch.float32
+    return load_image_encoder(files.image_encoder, device, enc_dtype)
 
 
 def build_parallel_pipeline(cfg: RunConfig, rt: Runtime, files=None) -> tuple[WanPipeline, ParallelState]:
@@ -222,11 +235,13 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime, files=None) -> tuple[Wa
     parallel_vae = rt.distributed  # every rank decodes a slice; one rank alone holds the VAE otherwise
     vae_dtype = torch.float32 if rt.device.type == "cpu" else dtype
     vae = load_vae(files.vae, rt.device, vae_dtype) if (rt.rank == 0 or parallel_vae) else None
+    image_encoder = load_image_encoder_for(dit, cfg, files, t5_device, dtype)
     kernel = get_kernel(cfg.attention, rt.device)
     layout = resolve_layout(rt.world_size, info.num_heads, cfg.ulysses_size, cfg.ring_size, cfg.cfg_size,
                             cfg.use_context_parallel, rt.local_world_size)
     pipe = WanPipeline(dit, text_encoder, vae, rt.device, model_name=files.name, random_weights=files.random_weights)
     pipe.model_key = info.key
+    pipe.image_encoder = image_encoder
     pipe.offload_t5 = cfg.offload_model and not t5_fsdp and t5_device.type == "cuda"
     pipe.teacache_device = "cpu" if cfg.teacache_cache_device in ("cpu", "offload_device") else "gpu"
     pipe.teacache_agree = teacache_agreement(rt, pipe)

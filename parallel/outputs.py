@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -23,6 +24,20 @@ def _batch_path(save_file: str | None, i: int, n: int) -> str | None:
     return str(p.with_name(f"{p.stem}_{i}{p.suffix or '.mp4'}"))
 
 
+def image_meta(req) -> dict:
+    """Image-to-video: the conditioning images as sha256 of their normalised PNG bytes and their size (the
+    images themselves are not kept)."""
+    out = {}
+    for name in ("image", "last_frame"):
+        data = getattr(req, name, None)
+        if data:
+            import struct
+
+            w, h = struct.unpack(">II", data[16:24])  # the PNG's IHDR
+            out[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": f"{w}*{h}"}
+    return out
+
+
 def sidecar_meta(server, result: GenerationResult, index: int) -> dict:
     """The settings, timings and memory of one generated video."""
     req, st, rt = result.request, server.state, server.rt
@@ -30,6 +45,7 @@ def sidecar_meta(server, result: GenerationResult, index: int) -> dict:
     return {
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt,
+        **image_meta(req),
         "seed": req.base_seed + index,
         "size": req.size,
         "frame_num": req.frame_num,

@@ -69,11 +69,11 @@ def model(cfg: DiTConfig, sd: dict[str, torch.Tensor]) -> WanDiT:
 
 
 def inputs(cfg: DiTConfig, b: int = 2, grid: tuple[int, int, int] = (3, 12, 20), seed: int = 2):
-    """x (B,16,…), t, text context (B,30,text_dim), clip_fea (B, image_tokens, 1280), y (B,20,…)."""
+    """x (B,16,…), t, text context (B,30,text_dim), clip_fea (B, image_tokens, image_dim), y (B,20,…)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 16, *grid, generator=g)
     y = torch.randn(b, 20, *grid, generator=g)
-    clip = torch.randn(b, cfg.image_tokens, 1280, generator=g)
+    clip = torch.randn(b, cfg.image_tokens, cfg.image_dim, generator=g)
     ctx = torch.randn(b, 30, cfg.text_dim, generator=g)
     t = torch.tensor([999.0, 92.0][:b])
     return x, t, ctx, clip, y

@@ -138,7 +138,9 @@ def test_vae_from_diffusers_folder_equals_official_file(tiny_model_dir, tmp_path
 
 
 def test_task_flag_refuses_a_file_of_another_size(tiny_model_dir):
-    proc = run_app(["--prompt", "x", "--task", "t2v-1.3B", "--size", "832*480", "--frame_num", "5"], tiny_model_dir)
+    """The user's files must be the task's model (the embedded tiny model stands in only when there are none)."""
+    proc = run_app(["--prompt", "x", "--task", "t2v-1.3B", "--size", "832*480", "--frame_num", "5",
+                    "--model_dir", str(tiny_model_dir)], tiny_model_dir)
     assert proc.returncode == 2
     assert "does not match the Wan2.1 DiT (1.3B): tensor 'patch_embedding.weight' has shape (512, 16, 1, 2, 2) in " \
            "the file but the model expects (1536, 16, 1, 2, 2)" in proc.stderr

@@ -42,12 +42,18 @@ def peak(inp, **mode) -> int:
 def test_weight_counts_are_the_models_own():
     from transformers import UMT5Config, UMT5EncoderModel
 
+    from engine.clip import CLIP_H14, WanImageEncoder
     from engine.loading import build_dit
+    from engine.memory_estimate import image_encoder_params
     from engine.vae import WanVAE
 
-    for cfg in (M14, M13, DIT_CONFIGS["tiny"]):
+    for cfg in (M14, M13, *(DIT_CONFIGS[k] for k in ("tiny", "i2v-14B", "flf2v-14B", "tiny-i2v", "tiny-flf2v"))):
         m = build_dit(cfg)
-        assert block_params(cfg) * cfg.num_layers + other_params(cfg) == sum(p.numel() for p in m.parameters())
+        assert block_params(cfg) * cfg.num_layers + other_params(cfg) == sum(p.numel() for p in m.parameters()), cfg
+    with torch.device("meta"):
+        clip = WanImageEncoder(CLIP_H14)
+    assert image_encoder_params(DIT_CONFIGS["i2v-14B"]) == sum(p.numel() for p in clip.parameters())
+    assert image_encoder_params(M14) == 0
     with torch.device("meta"):
         t5 = UMT5EncoderModel(UMT5Config(**UMT5_XXL, is_encoder_decoder=False, feed_forward_proj="gated-gelu"))
         vae = WanVAE()
