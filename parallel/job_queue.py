@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from engine.pipeline import Cancelled
@@ -130,6 +131,13 @@ class JobQueue:
         """Add a job (committed before this returns); QueueFull when --queue_size jobs wait already (`limit`).
         Image bytes in `raw` (image, last_frame) become files in the job's folder."""
         raw = dict(raw)
+        for name in IMAGE_FIELDS:  # the page's uploads are files it deletes once the request is over: keep a copy
+            if isinstance(raw.get(name), (str, Path)) and str(raw[name]).strip():
+                from engine.images import read_image_bytes
+
+                limits = getattr(getattr(self.dispatcher, "info", None), "limits", None)
+                dirs = tuple(Path(d) for d in getattr(limits, "upload_dirs", ()))
+                raw[name] = read_image_bytes(raw[name], name, dirs)  # only inside the upload folder
         images = {k: bytes(raw.pop(k)) for k in IMAGE_FIELDS if isinstance(raw.get(k), (bytes, bytearray))}
         with self._lock:
             if limit and self.store.queued() >= self.queue_size:

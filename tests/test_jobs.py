@@ -225,6 +225,25 @@ def test_the_jobs_own_failure_fails_it_and_a_failing_gang_leaves_it_for_the_next
     assert JobStore(tmp_path).recover()[0]["status"] == "queued"  # what the next gang does with it
 
 
+def test_a_page_upload_named_by_path_is_copied_into_the_job_and_other_paths_are_refused(tmp_path):
+    from engine.request import RequestError
+
+    d = FakeDispatcher()
+    d.gate.clear()
+    uploads = tmp_path / "outputs" / ".gradio-cache"
+    uploads.mkdir(parents=True)
+    (uploads / "fox.png").write_bytes(b"\x89PNG-upload")
+    d.info = SimpleNamespace(limits=SimpleNamespace(upload_dirs=(str(uploads),)))
+    q = queue_for(tmp_path / "outputs", d)
+    job = q.enqueue({"prompt": "x", "image": str(uploads / "fox.png")}, "page")
+    (uploads / "fox.png").unlink()  # the page deletes its upload once the request is over
+    assert q.store.request_of(q.store.get(job["id"]))["image"] == b"\x89PNG-upload"
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"x")
+    with pytest.raises(RequestError, match="^image: must be uploaded image data, not a path on the server"):
+        q.enqueue({"prompt": "x", "image": str(secret)}, "page")
+
+
 def test_failure_classification():
     from parallel.lora import LoraRefused
 

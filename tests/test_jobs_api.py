@@ -215,6 +215,46 @@ def test_the_page_and_the_api_share_one_queue_in_one_order(gang):
     assert_mp4(gang, page_job["id"])  # the page's video, through the API too
 
 
+def test_image_to_video_takes_the_image_as_base64_and_keeps_it_in_the_jobs_folder(tmp_path, tiny_model_dir):
+    """One process serving the embedded tiny I2V model: the image arrives as base64, is a file of the job (not in
+    the database) until the job is purged, and conditions the video (its sidecar has the image's hash)."""
+    import base64
+    import hashlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from engine.tiny import ensure_tiny_model
+    from tests.ui_server import running_app
+
+    models = ensure_tiny_model(tmp_path / "models", "i2v")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    with running_app(tmp_path / "app", tiny_model_dir, "--model_dir", str(models)) as app, \
+            httpx.Client(base_url=app.url, timeout=60) as http:
+        body = {"prompt": "a cat walks", "size": "64*64", "frame_num": 5, "sample_steps": 2, "seed": 3}
+        r = http.post("/v1/videos", json=body)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "image", r.text
+        assert "image-to-video model needs image" in r.json()["error"]["message"]
+        created = http.post("/v1/videos", json={**body, "image": base64.b64encode(png).decode()}).json()
+        folder = app.outputs / "jobs" / created["id"]
+        assert (folder / "image").read_bytes() == png and created["request"]["image"] == "<image of this job>"
+        done = wait_for(lambda: (j := http.get(f"/v1/videos/{created['id']}").json())["status"] != "queued"
+                        and j["status"] != "in_progress" and j, 120, 0.1, "the I2V job")
+        assert done["status"] == "completed", done
+        assert png not in (app.outputs / "jobs.sqlite").read_bytes()
+        video = http.get(f"/v1/videos/{created['id']}/content")
+        assert video.status_code == 200 and video.content[4:8] == b"ftyp"
+        side = json.loads(next(app.outputs.glob("*.json")).read_text())
+        normalised = io.BytesIO()
+        Image.open(io.BytesIO(png)).convert("RGB").save(normalised, format="PNG")
+        assert side["image"]["sha256"] == hashlib.sha256(normalised.getvalue()).hexdigest()
+        purged = http.delete(f"/v1/videos/{created['id']}", params={"purge": "true"}).json()
+        assert purged["deleted"] is True and not folder.exists() and not list(app.outputs.glob("*.mp4"))
+
+
 # -- crash and resume (last: it restarts the gang) ----------------------------------------------------------------
 def test_sigkill_of_rank0_while_a_job_runs_with_two_queued_all_three_complete_after_the_restart(gang):
     running = post(gang, seed=31, **{**LONG, "sample_steps": 16})
