@@ -566,6 +566,7 @@ def test_sigkill_mid_generation_errors_the_client_restarts_the_gang_and_keeps_th
     out = client(gang).predict(prompt="after the crash", base_seed=23, api_name="/generate", **SMALL)
     record(scale, f"crash_rank{victim}", client_error_after_s=round(outcome.get("after_s", -1), 2),
            client_error=outcome.get("error"), restart_s=round(healthy_at, 1), last_200_of_the_old_gang_s=last_old_200,
+           first_answer_of_the_new_gang_s=min((t for t, w, code, _ in timeline if w == "new" and code), default=None),
            health_timeline=timeline[:6] + timeline[-3:], history_files=len(before))
     assert "error" in outcome and outcome["after_s"] < 30, outcome  # an error, not a hang (nor a result)
     # The killed gang never says "ok" (no probe passes a dead rank). While the killed request still holds the
