@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv)
         if cfg.prompt is None:
             parse_auth(cfg)  # a bad --auth / --auth_file stops every rank before the models load
+            cfg = cfg.replace(api_key=read_api_key(cfg))  # --api_key_file read once, here
     except (ValueError, OSError) as exc:
         print(flag_error(exc), file=sys.stderr)
         return 2
@@ -87,6 +88,27 @@ def parse_auth(cfg: RunConfig) -> list[tuple[str, str]]:
             raise ValueError(f"{where}: expected user:password, got {item.strip()[:40]!r}")
         logins.append((user, password))
     return logins
+
+
+def read_api_key(cfg: RunConfig) -> str | None:
+    """The key of the /v1/ API and /metrics: --api_key, or the first line of --api_key_file (# comments)."""
+    if cfg.api_key is not None and cfg.api_key_file:
+        raise ValueError("--api_key and --api_key_file: give one of them, not both")
+    where, key = "--api_key", cfg.api_key
+    if cfg.api_key_file:
+        where = "--api_key_file"
+        try:
+            lines = Path(cfg.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{where}: cannot read {cfg.api_key_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        key = next((ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
+    if key is None:
+        return None
+    if not key or not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        raise ValueError(f"{where}: the key must be printable ASCII without spaces, at least one character")
+    if len(key) < 16:
+        log.warning("%s: a key of %d characters is easy to guess; use 16 or more", where, len(key))
+    return key
 
 
 def resolve_auth(cfg: RunConfig) -> list[tuple[str, str]] | None:

@@ -109,6 +109,8 @@ class Controller:
     def __init__(self, server, cfg: RunConfig) -> None:
         self.server, self.cfg = server, cfg
         self.dispatcher = server.dispatcher
+        jobs = getattr(server, "jobs", None)  # parallel/job_queue.py: the page's requests join the API's queue
+        self.runner = jobs.page_runner() if jobs is not None else self.dispatcher  # submit / cancel
         self.info = self.dispatcher.info
         self.state = server.state
         self._lock = threading.Lock()
@@ -201,7 +203,7 @@ class Controller:
         finally:
             if thread.is_alive():  # the page went away mid-run: stop the gang at the next step
                 job.cancel_requested = True
-                self.dispatcher.cancel()
+                self.runner.cancel()
             with self._lock:
                 if self.job is job:
                     self.job = None
@@ -209,11 +211,11 @@ class Controller:
     def _run(self, job: Job) -> None:
         def on_step(done: int, total: int, seconds: float) -> None:
             if job.cancel_requested:
-                self.dispatcher.cancel()  # a cancel that came before the gang was busy
+                self.runner.cancel()  # a cancel that came before the gang was busy
             job.events.put(("step", (done, total, seconds)))
 
         try:
-            job.events.put(("done", self.dispatcher.submit(job.raw, progress=on_step)))
+            job.events.put(("done", self.runner.submit(job.raw, progress=on_step)))
         except Cancelled as exc:
             job.events.put(("cancelled", str(exc)))
         except RequestError as exc:
@@ -233,7 +235,7 @@ class Controller:
             job = self.job
             if job is not None and job.session == session:
                 job.cancel_requested = True
-                self.dispatcher.cancel()
+                self.runner.cancel()
                 gr.Info("Cancelling at the next step…")
             elif self.is_waiting(session):
                 self._cancel_queued.add(session)
@@ -255,7 +257,8 @@ class Controller:
 
     # -- panels -------------------------------------------------------------------------------------------
     def panels(self):
-        gallery, paths = history_items(self.cfg.outputs_dir)
+        jobs = getattr(self.server, "jobs", None)  # the job store's completed jobs (the API's too), newest first
+        gallery, paths = history_items(self.cfg.outputs_dir, jobs.history() if jobs is not None else None)
         return gallery, paths, cluster_html(self.server)
 
     def show_history(self, paths: list[str], evt: gr.SelectData):
@@ -588,6 +591,10 @@ def serve_ui(server, cfg: RunConfig, auth: list[tuple[str, str]] | None = None) 
     outputs = Path(cfg.outputs_dir).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
     server.dispatcher.memory()  # every rank's device and memory for the cluster panel from the start
+    from parallel.api import api_routes
+    from parallel.job_queue import start_jobs
+
+    jobs = start_jobs(server, cfg)  # outputs/jobs.sqlite: what the last gang left queued or running goes on
     demo = build_ui(server, cfg)
     demo.queue(default_concurrency_limit=1, max_size=cfg.queue_size, api_open=False)
     for attempt in range(1, PORT_ATTEMPTS + 1):
@@ -597,10 +604,10 @@ def serve_ui(server, cfg: RunConfig, auth: list[tuple[str, str]] | None = None) 
                 server_name=cfg.listen, server_port=port, share=cfg.share, auth=auth,
                 auth_message="Wan2.1 text-to-video: log in with the user and password the server was started with.",
                 show_error=False,  # only gr.Error messages reach the client; tracebacks stay in the server log
-                allowed_paths=[str(outputs)], max_file_size="1mb", enable_monitoring=False, ssr_mode=False,
+                allowed_paths=[str(outputs)], blocked_paths=jobs.store.private_paths(), max_file_size="1mb", enable_monitoring=False, ssr_mode=False,
                 run_history=False, mcp_server=False, pwa=False, footer_links=["api"], css=CSS, quiet=False,
                 app_kwargs={"middleware": [Middleware(RefuseUploads), Middleware(GuardQueueJoin, fn_indices=lambda: demo.fns.keys())],
-                            "routes": [healthz_route(server)]},
+                            "routes": [healthz_route(server), *api_routes(server, cfg, jobs)]},
                 prevent_thread_lock=True,  # returns once serving (the port is bound); blocked on below
             )
             break

@@ -283,9 +283,10 @@ def cluster_html(server) -> str:
     )
 
 
-def history_items(outputs_dir: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """(gallery items, their video paths) of the newest generations in outputs_dir."""
-    items = list_history(outputs_dir)[:HISTORY_LIMIT]
+def history_items(outputs_dir: str | Path, items: list[dict] | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+    """(gallery items, their video paths) of the newest generations: `items` (the job store's, in list_history's
+    shape) or those in outputs_dir."""
+    items = (list_history(outputs_dir) if items is None else items)[:HISTORY_LIMIT]
     gallery = []
     for it in items:
         m = it["meta"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import textwrap
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,9 @@ class RunConfig:
     listen: str = "127.0.0.1"
     port: int = 7860
     queue_size: int = 8
+    api_key: str | None = field(default=None, repr=False)  # the /v1/ jobs API and /metrics need it (a secret)
+    api_key_file: str | None = None
+    api_open: bool = False  # serve /v1/ and /metrics without a key on a non-loopback address
     log_level: str = "INFO"
     cli_keys: tuple[str, ...] = ()  # which fields the command line set (not a flag)
 
@@ -116,7 +119,8 @@ GROUPS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
      ("preset", "offload_percent", "blocks_to_swap", "t5_cpu", "offload_model", "vae_tiling")),
     ("speed", None, ("attention", "compile", "compile_backend", "teacache", "teacache_cache_device")),
     ("serving and UI", "the Gradio page on rank 0 (without --prompt)",
-     ("listen", "port", "share", "auth", "auth_file", "queue_size", "log_level")),
+     ("listen", "port", "share", "auth", "auth_file", "queue_size", "api_key", "api_key_file", "api_open",
+      "log_level")),
     ("reliability", "when a stuck or dead rank ends the gang (torchrun then restarts it)",
      ("dist_timeout", "heartbeat_timeout", "fault_grace")),
 )
@@ -126,7 +130,8 @@ _METAVAR = {"size": "W*H", "model_dir": "DIR", "ckpt_dir": "DIR", "outputs_dir":
             "vae": "FILE", "clip": "FILE", "image": "PATH", "first_frame": "PATH", "last_frame": "PATH",
             "tokenizer": "PATH", "save_file": "PATH", "save_latents": "PATH", "lora": "PATH[:STRENGTH]",
             "prompt": "TEXT", "negative_prompt": "TEXT", "sample_timesteps": "T1,T2,...", "preset": "NAME|FILE",
-            "auth": "USER:PASS[,...]", "auth_file": "FILE", "listen": "HOST", "log_level": "LEVEL",
+            "auth": "USER:PASS[,...]", "auth_file": "FILE", "api_key": "KEY", "api_key_file": "FILE",
+            "listen": "HOST", "log_level": "LEVEL",
             "compile_backend": "NAME"}
 # what every flag does (its allowed values in words where they are not a choice list)
 _HELP = {
@@ -192,7 +197,13 @@ _HELP = {
     "auth_file": "file of user:password logins, one a line (# comments)",
     "listen": "bind address; --listen alone means 0.0.0.0 (the whole network)",
     "port": "web UI port, 0 to 65535; 0 = any free port (printed: 'Wan2.1 web UI listening on http://HOST:PORT')",
-    "queue_size": "requests that may wait for the GPUs, at least 1; more are refused with 'Queue is full'",
+    "queue_size": "requests that may wait for the GPUs, at least 1; more are refused with 'Queue is full' (the page) "
+                  "or 429 (the /v1/videos API)",
+    "api_key": "the key every /v1/ (jobs API) and /metrics call must send as 'Authorization: Bearer KEY' "
+               "(printable ASCII, no spaces); the page's login is separate",
+    "api_key_file": "file holding the API key on its first line (# comments), read once at start",
+    "api_open": "serve /v1/ and /metrics without a key on a non-loopback --listen or a --share link (otherwise "
+                "they answer 403 there)",
     "log_level": "log verbosity: DEBUG, INFO, WARNING, ERROR or CRITICAL",
     "dist_timeout": "seconds a compute collective may take before it fails, greater than 0",
     "heartbeat_timeout": "seconds a rank or node may stay silent before the whole gang exits, greater than 0",
@@ -225,6 +236,8 @@ _DEFAULT_TEXT = {
     "preset": "none",
     "auth": "no login; with --share a random password, printed",
     "auth_file": "none",
+    "api_key": "none: /v1/ and /metrics open on loopback only",
+    "api_key_file": "none",
 }
 
 LAUNCHER_HELP = """\

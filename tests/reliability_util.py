@@ -402,3 +402,96 @@ def judge(answer: Answer, data: list[Any], changed: set[str], tally: FuzzTally) 
 def short(data: Any) -> str:
     return repr([(v[:40] + f"...({len(v)} chars)") if isinstance(v, str) and len(v) > 40 else v for v in data])[:400] \
         if isinstance(data, list) else repr(data)[:400]
+
+
+# -- fuzz of the JSON API (/v1/videos) -----------------------------------------------------------------------
+API_FIELDS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
+              "seed", "sample_solver", "batch_size", "ulysses_size", "ring_size", "cfg_size", "offload_percent",
+              "blocks_to_swap", "teacache", "loras", "sample_timesteps", "image", "last_frame")
+# the cheapest valid job (16*16, 1 frame, 1 step); every other field: the server's default
+API_BASE = {"prompt": "a red fox in the snow", "size": "16*16", "frame_num": 1, "sample_steps": 1, "seed": 7}
+# a refusal may name the page's field for the API's name
+API_NAMED = {"base_seed": "seed"}
+
+
+def api_envelope_bodies() -> list[tuple[str, bytes]]:
+    """Bodies that are not a request object at all: broken JSON, other JSON types, odd encodings, sizes, keys."""
+    good = json.dumps(API_BASE)
+    return [
+        ("empty", b""), ("not json", b"{not json"), ("truncated", good[:-3].encode()), ("null", b"null"),
+        ("number", b"42"), ("string", b'"a fox"'), ("list", b'["a fox"]'), ("true", b"true"),
+        ("NaN literal", b"NaN"), ("latin-1", '{"prompt": "caf\xe9"}'.encode("latin-1")), ("utf-16", good.encode("utf-16")),
+        ("BOM", b"\xef\xbb\xbf" + good.encode()), ("NUL bytes", b"\x00" * 64), ("invalid utf-8", b'{"prompt": "\xff\xfe"}'),
+        ("deep list", b"[" * 50_000 + b"]" * 50_000), ("deep object", b'{"a":' * 50_000 + b"1" + b"}" * 50_000),
+        ("5000-digit int", b'{"prompt": "x", "frame_num": 1' + b"0" * 5000 + b"}"),
+        ("1e999", b'{"prompt": "x", "sample_shift": 1e999}'), ("-0", b'{"prompt": "x", "seed": -0}'),
+        ("duplicate keys", b'{"prompt": "x", "prompt": ""}'), ("2 MB body", ('{"prompt": "' + "x" * 2_000_000 + '"}').encode()),
+        ("many keys", json.dumps({f"k{i}": i for i in range(20_000)}).encode()),
+        ("empty key", json.dumps({**API_BASE, "": 1}).encode()), ("proto key", json.dumps({**API_BASE, "__proto__": {}}).encode()),
+        ("long key", json.dumps({**API_BASE, "k" * 10_000: 1}).encode()),
+        ("control key", json.dumps({**API_BASE, "\u0000\u001b[2J": 1}).encode()),
+        ("surrogate key", json.dumps({**API_BASE, "\ud800": 1}).encode()),
+        ("base_seed and seed", json.dumps({**API_BASE, "base_seed": 3}).encode()),
+        ("model object", json.dumps({**API_BASE, "model": {"a": 1}}).encode()),
+        ("whitespace", b" \n\t " + good.encode() + b" \n"), ("trailing garbage", good.encode() + b"}}"),
+    ]
+
+
+def api_fuzz_cases(n: int, seed: int = 0) -> list[tuple[bytes, set[str]]]:
+    """n JSON bodies: the cheapest valid job with 1 to 3 fields set to hostile values (every field with every
+    hostile value in a seeded order first, then random combinations); with the fields changed."""
+    rng = random.Random(seed)
+    values = hostile_values()
+    sweep = [(f, v) for f in API_FIELDS for v in values]
+    rng.shuffle(sweep)
+    cases = []
+    for k in range(n):
+        picks = [sweep[k]] if k < len(sweep) else [(f, rng.choice(values)) for f in rng.sample(API_FIELDS, rng.randint(1, 3))]
+        body = dict(API_BASE)
+        body.update(picks)
+        cases.append((json.dumps(body).encode("utf-8", "surrogatepass"), {f for f, _ in picks}))
+    return cases
+
+
+def api_expensive(body: bytes) -> bool:
+    """A valid but costly job (big size, many frames/steps/videos), in tests/reliability_util.expensive's terms."""
+    try:
+        d = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(d, dict):
+        return False
+    row = [d.get("seed" if f == "base_seed" else f) for f in FIELDS]
+    return expensive(row)
+
+
+def judge_api(status: int, text: str, changed: set[str] | None, tally: FuzzTally, what: str) -> str | None:
+    """Count one answer of POST /v1/videos; the accepted job's id (to cancel it), else None. Anything but a job,
+    a 400/413, a 422 naming a changed field (any field for an envelope probe: changed None), or 429 goes into
+    tally.bad."""
+    if TRACEBACK.search(text):
+        tally.tracebacks += 1
+        tally.bad.append(f"traceback text in the answer to {what}: {text[:300]!r}")
+        return None
+    try:
+        body = json.loads(text)
+    except ValueError:
+        tally.bad.append(f"{status} not JSON for {what}: {text[:200]!r}")
+        return None
+    if status == 200 and body.get("object") == "video" and body.get("status") == "queued":
+        tally.results += 1
+        return body["id"]
+    error = body.get("error") if isinstance(body, dict) else None
+    if status == 429 and error:
+        tally.busy += 1
+    elif status in (400, 413) and error and error.get("message"):
+        tally.field_errors += 1
+    elif status == 422 and error and str(error.get("message", "")).startswith(f"{error.get('field')}:"):
+        named = API_NAMED.get(error["field"], error["field"])
+        if changed is None or named in changed or changed & CROSS_FIELD.get(named, set()):
+            tally.field_errors += 1
+        else:
+            tally.bad.append(f"422 names {named!r} but only {sorted(changed)} changed: {what} -> {text[:200]!r}")
+    else:
+        tally.bad.append(f"{status} {text[:200]!r} for {what}")
+    return None

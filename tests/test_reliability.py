@@ -35,11 +35,15 @@ from tests.reliability_util import (
     USER,
     FuzzTally,
     QueueClient,
+    api_envelope_bodies,
+    api_expensive,
+    api_fuzz_cases,
     cookie_header,
     expensive,
     fuzz_cases,
     health,
     judge,
+    judge_api,
     login_cookies,
     raw_get,
     start_gang,
@@ -62,6 +66,7 @@ class Scale:
     fuzz: int
     soak_s: float
     dist_timeout: int
+    api_fuzz: int = 1000
 
     def gang_args(self) -> list[str]:
         return ["--queue_size", str(self.queue), "--dist_timeout", str(self.dist_timeout),
@@ -69,7 +74,7 @@ class Scale:
 
 
 SHORT = Scale("short", clients=12, queue=4, fuzz=150, soak_s=75, dist_timeout=20)
-FULL = Scale("full", clients=50, queue=8, fuzz=1100, soak_s=600, dist_timeout=60)
+FULL = Scale("full", clients=50, queue=8, fuzz=1100, soak_s=600, dist_timeout=60, api_fuzz=2500)
 SCALES = [pytest.param(SHORT, id="short"), pytest.param(FULL, id="full", marks=pytest.mark.slow)]
 
 
@@ -367,6 +372,62 @@ def test_fuzzed_requests_get_a_result_or_a_field_error_and_no_traceback(gangs, s
     assert "Done" in out[4]
 
 
+@pytest.mark.parametrize("scale", SCALES)
+def test_fuzzed_json_bodies_to_the_jobs_api_get_a_job_or_an_error_naming_the_field_and_no_traceback(gangs, scale):
+    """POST /v1/videos (no --api_key: served on loopback) with hostile JSON bodies: each is a queued job (then
+    cancelled at once) or a 400/413/422/429 naming what is wrong; no traceback, no 500, no crash."""
+    gang = gangs.get(scale)
+    log_offset = gang.log_size()
+    pids = gang.rank_pids()
+    cases = [c for c in api_fuzz_cases(scale.api_fuzz * 2, seed=19) if not api_expensive(c[0])][:scale.api_fuzz]
+    cases += [(body, None) for _, body in api_envelope_bodies()]
+    assert len(cases) >= 1000
+    tally, lock, statuses = FuzzTally(), threading.Lock(), {}
+    cancels = []
+
+    def worker(chunk) -> None:
+        with httpx.Client(base_url=gang.url, timeout=60) as http:
+            for body, changed in chunk:
+                r = http.post("/v1/videos", content=body, headers={"content-type": "application/json"})
+                with lock:
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    job_id = judge_api(r.status_code, r.text, changed, tally, repr(body[:120]))
+                if job_id is not None:  # accepted: cancel it (dropped while queued, stopped at a step once running)
+                    d = http.delete(f"/v1/videos/{job_id}")
+                    with lock:
+                        cancels.append(d.status_code)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(worker, [cases[i::3] for i in range(3)]))
+    tally.seconds = round(time.monotonic() - t0, 1)
+    paths = ["/v1/videos/..%2f..%2fetc%2fpasswd", "/v1/videos/video_" + "0" * 32 + "/content", "/v1/videos?limit=-1",
+             "/v1/videos?after=%00", "/v1/videos?order=%ff", "/v1/videos/" + "x" * 5000, "/v1/videos/%ud800"]
+    probes = {p: raw_get(gang.port, p) for p in paths}
+    with httpx.Client(base_url=gang.url, timeout=60) as http:
+        ended = [j["status"] for j in http.get("/v1/videos", params={"limit": 100}).json()["data"]]
+        deadline = time.monotonic() + 120
+        while http.get("/metrics").text.count("wan_videos_in_progress 1.0") and time.monotonic() < deadline:
+            time.sleep(0.2)  # the last cancelled job leaves the gang
+    log = gang.log_since(log_offset)
+    code, body = health(gang.url, login_cookies(gang.url))
+    record(scale, "api_fuzz", bodies=len(cases), accepted_then_cancelled=tally.results, refused=tally.field_errors,
+           busy_429=tally.busy, bad=len(tally.bad), statuses=statuses, seconds=tally.seconds,
+           tracebacks_to_client=tally.tracebacks, path_probes={p[:60]: s for p, (s, _) in probes.items()},
+           our_error_log_lines=log.count("ERROR wan."), healthy_after=body.get("healthy"))
+    assert not tally.bad, "\n".join(tally.bad[:20])
+    assert tally.total == len(cases) and tally.results > 0 and tally.field_errors > len(cases) // 2
+    assert 500 not in statuses and all(c == 200 for c in cancels), (statuses, set(cancels))
+    assert all(s in (400, 404, 405) and not TRACEBACK.search(b.decode("latin-1")) for s, b in probes.values()), probes
+    assert "failed" not in ended  # a hostile value that passed the checks did not fail on the gang either
+    assert gang.rank_pids() == pids and "ERROR wan." not in log, log[-3000:]  # no crash, nothing escaped our handlers
+    assert code == 200 and body["status"] == "ok", body
+    with httpx.Client(base_url=gang.url, timeout=60) as http:
+        job = http.post("/v1/videos", json={"prompt": "after the fuzz", "size": "16*16", "frame_num": 1,
+                                            "sample_steps": 1}).json()
+        wait_for(lambda: http.get(f"/v1/videos/{job['id']}").json()["status"] == "completed", 120, what="a job")
+
+
 # Values that once broke the app (each is also in the fuzz above): the exact answer each gets now.
 def ask(gang, **changes) -> object:
     """One raw queue call of /generate: the base request (a 16×16 one-step video) with `changes` applied."""
@@ -505,6 +566,7 @@ def test_sigkill_mid_generation_errors_the_client_restarts_the_gang_and_keeps_th
     out = client(gang).predict(prompt="after the crash", base_seed=23, api_name="/generate", **SMALL)
     record(scale, f"crash_rank{victim}", client_error_after_s=round(outcome.get("after_s", -1), 2),
            client_error=outcome.get("error"), restart_s=round(healthy_at, 1), last_200_of_the_old_gang_s=last_old_200,
+           first_answer_of_the_new_gang_s=min((t for t, w, code, _ in timeline if w == "new" and code), default=None),
            health_timeline=timeline[:6] + timeline[-3:], history_files=len(before))
     assert "error" in outcome and outcome["after_s"] < 30, outcome  # an error, not a hang (nor a result)
     # The killed gang never says "ok" (no probe passes a dead rank). While the killed request still holds the
