@@ -162,7 +162,7 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
         dcfg = DIT_CONFIGS[cfg.task.split("-", 1)[1]]
     model = build_dit(dcfg, dtype)  # each tensor in its run dtype (keep_fp32 ones fp32) before sharding
     prepare = None
-    if cfg.quantize == "fp8":  # fp8 layers on the meta model first: the offload plan counts their real bytes
+    if getattr(cfg, "quantize", "none") == "fp8":  # fp8 layers on the meta model first: the offload plan counts their real bytes
         from engine.cli import FP8_FSDP_REFUSAL
         from parallel.quantize import apply_fp8, parse_keep_blocks
 
