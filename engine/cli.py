@@ -166,7 +166,7 @@ _HELP = {
     "dit_fsdp": "FSDP2 sharding of the DiT only",
     "t5_fsdp": "FSDP2 sharding of the text encoder only",
     "preset": "memory/speed preset: a name in presets/ (max_speed, balanced, low_vram, single_gpu, 8gpu_distributed, "
-              "distilled_4step, auto) or a JSON path; flags given win over it",
+              "distilled_4step, fp8_24gb, fp8_speed, auto) or a JSON path; flags given win over it",
     "offload_percent": "fraction 0 to 1 of the non-swapped DiT weights kept in pinned host memory; higher saves more "
                        "GPU memory",
     "blocks_to_swap": "last N DiT blocks streamed from pinned host memory one block ahead, 0 to the model's blocks "

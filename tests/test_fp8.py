@@ -300,3 +300,13 @@ def test_fp8_fused_kernels_and_8bit_attention_in_the_triton_interpreter():
 def test_fp8_activation_passes_through_the_dequantize_path():
     q = quantize_rows(torch.randn(4, 32))
     assert isinstance(q, Fp8Act) and q.shape == (4, 32) and q.dequantize().dtype == torch.float32
+
+
+def test_memory_estimate_counts_fp8_blocks_at_one_byte():
+    from engine.config import DIT_CONFIGS
+    from engine.memory_estimate import EstimateInputs, MemoryMode, Request, estimate
+
+    req = Request(832, 480, 81, 1, cfg=True)
+    bf16 = estimate(EstimateInputs(DIT_CONFIGS["14B"], req, mode=MemoryMode(t5="cpu"))).parts["resident_weights"]
+    fp8 = estimate(EstimateInputs(DIT_CONFIGS["14B"], req, mode=MemoryMode(t5="cpu", fp8=True))).parts["resident_weights"]
+    assert 13.5 < fp8 / 2**30 < 14.5 and 26 < bf16 / 2**30 < 27.5
