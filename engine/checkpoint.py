@@ -224,8 +224,8 @@ def cast_to_run_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     for mod_name, mod in module.named_modules():
         for table in (mod._parameters, mod._buffers):
             for key, t in table.items():
-                if t is None or not t.is_floating_point():
-                    continue
+                if t is None or not t.is_floating_point() or t.dtype in FP8_DTYPES:
+                    continue  # fp8 weights stay fp8 (parallel/quantize.py)
                 want = run_dtype(module, f"{mod_name}.{key}" if mod_name else key, dtype)
                 if t.dtype != want:
                     t.data = t.data.to(want)
@@ -250,13 +250,16 @@ def load_into(
     Each tensor gets its `run_dtype`: `dtype`, or float32 for the module's `keep_fp32` tensors.
     """
     expected = {n: t for n, t in module.state_dict().items() if n not in skip}
+    # fp8 layers (engine.fp8.Fp8Linear): the file's weight, kept fp8 or quantized, makes `weight_scale` too
+    fp8 = {n for n, t in expected.items() if t.dtype in FP8_DTYPES}
+    made = {n[: -len("weight")] + "weight_scale" for n in fp8}
     for n, t in expected.items():
         if n in view and tuple(view.shape(n)) != tuple(t.shape):
             raise WrongModelError(
                 f"{path} does not match the {what}: tensor '{n}' has shape {tuple(view.shape(n))} in the file "
                 f"but the model expects {tuple(t.shape)}"
             )
-    missing = [n for n in expected if n not in view]
+    missing = [n for n in expected if n not in view and n not in made]
     if missing:
         raise WrongModelError(
             f"{path} is not a {what} checkpoint: {len(missing)} of its tensors are missing, e.g. '{missing[0]}'"
@@ -266,6 +269,13 @@ def load_into(
         raise WrongModelError(f"{path} is not a {what} checkpoint: unexpected tensor '{extra[0]}' (and {len(extra) - 1} more)")
     new_sd = {}
     for n in expected:
+        if n in made:
+            continue
+        if n in fp8:
+            from engine.fp8 import load_fp8_weight
+
+            new_sd[n], new_sd[n[: -len("weight")] + "weight_scale"] = load_fp8_weight(view, n, place(n) if place else device)
+            continue
         want = run_dtype(module, n, dtype)
         new_sd[n] = view.read(n, want).to(device=place(n) if place else device, dtype=want)
     result = module.load_state_dict(new_sd, strict=False, assign=True)
@@ -302,6 +312,12 @@ class CheckpointView(Mapping[str, Tensor]):
         """Tensor `name`; an fp8 one is dequantized straight to `dtype` (default: the view's dtype)."""
         k = self.src[name]
         return dequantize_fp8(self.sd, k, self.sd[k], dtype or self.dtype)
+
+    def read_stored(self, name: str) -> tuple[Tensor, Tensor | None]:
+        """Tensor `name` as stored (no dequantization) and its ComfyUI `scale_weight`, if the file has one."""
+        k = self.src[name]
+        scale_name = k.rsplit(".", 1)[0] + ".scale_weight"
+        return self.sd[k], self.sd.get(scale_name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.src)

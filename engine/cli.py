@@ -11,7 +11,8 @@ from typing import Any
 
 TASKS = ("t2v-14B", "t2v-1.3B", "i2v-14B", "flf2v-14B")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "flash_attn_2", "flash_attn_3", "flash_attn_4", "sage",
-                      "math")
+                      "fp8", "int8_qk", "math")
+QUANTIZE = ("none", "fp8")
 
 
 @dataclass
@@ -74,6 +75,9 @@ class RunConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     attention: str = "auto"
+    attention_exact_steps: int = 5  # 8-bit attention: the exact kernel on the first and last N steps
+    quantize: str = "none"  # fp8: the DiT's block Linears in float8_e4m3fn (parallel/quantize.py)
+    fp8_keep_blocks: str = "1,1"  # FIRST,LAST blocks kept in bf16 under --quantize fp8
     # serving
     share: bool = False
     auth: str | None = None
@@ -98,6 +102,7 @@ _CHOICES = {
     "sp_backend": ("native", "xfuser"),
     "teacache_cache_device": ("cpu", "gpu", "offload_device", "main_device"),
     "attention": ATTENTION_BACKENDS,
+    "quantize": QUANTIZE,
     "dtype": ("auto", "bf16", "fp16", "fp32"),
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -117,7 +122,8 @@ GROUPS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
       "dit_fsdp", "t5_fsdp")),
     ("memory", "where the weights live; a preset sets several at once (flags win over it)",
      ("preset", "offload_percent", "blocks_to_swap", "t5_cpu", "offload_model", "vae_tiling")),
-    ("speed", None, ("attention", "compile", "compile_backend", "teacache", "teacache_cache_device")),
+    ("speed", None, ("attention", "attention_exact_steps", "quantize", "fp8_keep_blocks", "compile", "compile_backend",
+                     "teacache", "teacache_cache_device")),
     ("serving and UI", "the Gradio page on rank 0 (without --prompt)",
      ("listen", "port", "share", "auth", "auth_file", "queue_size", "api_key", "api_key_file", "api_open",
       "log_level")),
@@ -132,7 +138,7 @@ _METAVAR = {"size": "W*H", "model_dir": "DIR", "ckpt_dir": "DIR", "outputs_dir":
             "prompt": "TEXT", "negative_prompt": "TEXT", "sample_timesteps": "T1,T2,...", "preset": "NAME|FILE",
             "auth": "USER:PASS[,...]", "auth_file": "FILE", "api_key": "KEY", "api_key_file": "FILE",
             "listen": "HOST", "log_level": "LEVEL",
-            "compile_backend": "NAME"}
+            "compile_backend": "NAME", "fp8_keep_blocks": "FIRST,LAST"}
 # what every flag does (its allowed values in words where they are not a choice list)
 _HELP = {
     "task": "the model the checkpoint must be (text-, image- or first-last-frame-to-video, and its size); a file of "
@@ -179,7 +185,7 @@ _HELP = {
     "dit_fsdp": "FSDP2 sharding of the DiT only",
     "t5_fsdp": "FSDP2 sharding of the text encoder only",
     "preset": "memory/speed preset: a name in presets/ (max_speed, balanced, low_vram, single_gpu, 8gpu_distributed, "
-              "distilled_4step, auto) or a JSON path; flags given win over it",
+              "distilled_4step, fp8_24gb, fp8_speed, auto) or a JSON path; flags given win over it",
     "offload_percent": "fraction 0 to 1 of the non-swapped DiT weights kept in pinned host memory; higher saves more "
                        "GPU memory",
     "blocks_to_swap": "last N DiT blocks streamed from pinned host memory one block ahead, 0 to the model's blocks "
@@ -191,7 +197,14 @@ _HELP = {
     "teacache_cache_device": "where TeaCache keeps its residual (offload_device = cpu, main_device = gpu)",
     "compile": "regional torch.compile, per block (the first request of a shape compiles for about a minute)",
     "compile_backend": "torch.compile backend",
-    "attention": "local attention kernel (auto: FlashAttention-4 on Hopper/Blackwell when installed, else cuDNN)",
+    "attention": "local attention kernel (auto: FlashAttention-4 on Hopper/Blackwell when installed, else cuDNN; fp8 "
+                 "and int8_qk: 8-bit attention on Ada/Hopper GPUs, faster and less exact: int8 QK with fp8 or bf16 PV)",
+    "attention_exact_steps": "with 8-bit attention (fp8, int8_qk), the first and last N denoising steps use the exact "
+                             "kernel (quality guard); 0 or more",
+    "quantize": "fp8: the DiT's block Linear layers in float8_e4m3fn with per-channel scales and fp8 GEMMs "
+                "(sm89+ GPUs; upcast per layer elsewhere): about half the DiT memory, faster, less exact; fixed at "
+                "start-up (a change needs a restart)",
+    "fp8_keep_blocks": "with --quantize fp8, how many blocks FIRST,LAST at each end stay in bf16, two integers >= 0",
     "share": "also serve a public Gradio share link (always behind a login)",
     "auth": "web UI logins user:password, comma-separated",
     "auth_file": "file of user:password logins, one a line (# comments)",
@@ -367,6 +380,9 @@ def merge_config(preset: dict[str, Any] | None, cli: dict[str, Any]) -> RunConfi
 # ----------------------------------------------------------------------------------------------------
 # early checks: the same rules the server applies to requests, before torch or any file is loaded
 # ----------------------------------------------------------------------------------------------------
+FP8_FSDP_REFUSAL = ("fp8 cannot be combined with FSDP of the DiT (--use_fsdp / --dit_fsdp): sharding float8 "
+                    "parameters with FSDP2 is not supported here. The fp8 14B DiT (about 14 GiB) fits whole on each "
+                    "GPU: drop --dit_fsdp (--t5_fsdp alone is fine), or run bf16 with FSDP")
 _REQUEST_KEYS = ("prompt", "negative_prompt", "frame_num", "sample_steps", "sample_shift", "sample_guide_scale",
                  "base_seed", "batch_size", "ulysses_size", "ring_size", "cfg_size", "teacache", "offload_percent",
                  "sample_timesteps")
@@ -410,6 +426,14 @@ def check_config(cfg: RunConfig) -> None:
             decode_image(raw.pop(name), _image_flag(cfg, name))
     validate_request(raw, RequestLimits(model="any", sizes=(), any_multiple_of_16=True), defaults)
     _at_least("blocks_to_swap", cfg.blocks_to_swap, 0, integer=True)
+    _at_least("attention_exact_steps", cfg.attention_exact_steps, 0, integer=True)
+    if cfg.quantize == "fp8":
+        try:
+            keep_blocks(cfg.fp8_keep_blocks)
+        except ValueError as exc:
+            raise RequestError("fp8_keep_blocks", str(exc).split(" ", 1)[1]) from None
+        if cfg.use_fsdp or cfg.dit_fsdp:
+            raise RequestError("quantize", FP8_FSDP_REFUSAL)
     if cfg.world_size is not None:
         _at_least("world_size", cfg.world_size, 1, integer=True)
     _number("port", cfg.port, 0, 65535, integer=True)
@@ -417,6 +441,18 @@ def check_config(cfg: RunConfig) -> None:
     _at_least("dist_timeout", cfg.dist_timeout, 0, integer=False, lo_open=True)
     _at_least("heartbeat_timeout", cfg.heartbeat_timeout, 0, integer=False, lo_open=True)
     _at_least("fault_grace", cfg.fault_grace, 0, integer=False)
+
+
+def keep_blocks(text: str) -> tuple[int, int]:
+    """--fp8_keep_blocks 'FIRST,LAST' → (first, last); ValueError naming the flag otherwise (torch-free)."""
+    try:
+        first, last = (int(p) for p in str(text).split(","))
+        if first < 0 or last < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"fp8_keep_blocks must be FIRST,LAST with two integers >= 0 (blocks kept in bf16 at each "
+                         f"end), got {str(text)[:40]!r}") from None
+    return first, last
 
 
 def _at_least(name: str, value: Any, lo: float, integer: bool, lo_open: bool = False) -> None:

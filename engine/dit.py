@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from engine.attention import dense_attention
 from engine.config import PATCH, DiTConfig
-from engine.fused import affine_norm, gated_residual, modulate, residual_norm, rms_norm_rope
+from engine.fp8 import Fp8Act, act_dtype, is_fp8, prequantize
+from engine.fused import affine_norm, gated_residual, gelu_quant, modulate, residual_norm, rms_norm_rope
 
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -110,8 +111,11 @@ class WanAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.attn_fn: AttnFn = dense_attention
 
-    def forward(self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None) -> Tensor:
-        src = x if context is None else context
+    def forward(self, x: Tensor | Fp8Act, context: Tensor | None = None, rope: Tensor | None = None) -> Tensor:
+        # fp8 layers (parallel/quantize.py): x may arrive quantized from the fused norm; the text context is
+        # quantized once for k and v
+        x = prequantize(self.q, x)
+        src = x if context is None else prequantize(self.k, context)
         n = self.num_heads
         q = rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, rope, n)  # (B, L, heads, head_dim)
         k = rms_norm_rope(self.k(src), self.norm_k.weight, self.norm_k.eps, rope, n)  # (B, Lk, heads, head_dim)
@@ -138,19 +142,27 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
     def forward(self, x: Tensor, e0: Tensor, context: Tensor, rope: Tensor) -> Tensor:
-        dtype = self.ffn[0].weight.dtype
+        dtype = act_dtype(self.ffn[0])
         mod = self.modulation.float() + e0  # (B, 6, dim) float32
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unsqueeze(2).unbind(1)  # each (B, 1, dim)
-        y = self.self_attn(modulate(x, shift_sa, scale_sa, self.eps, dtype), rope=rope)
+        # with fp8 layers each norm also emits its output quantized per token (quant=...) for the GEMM after it
+        h = modulate(x, shift_sa, scale_sa, self.eps, dtype, quant=is_fp8(self.self_attn.q))
+        y = self.self_attn(h, rope=rope)
         # fp32 residual += attn · gate, then norm3 (affine LayerNorm) of the new residual, in one pass
-        x, h = residual_norm(x, y, gate_sa, self.norm3.bias, self.norm3.weight, self.eps, dtype, one_plus=False)
+        x, h = residual_norm(x, y, gate_sa, self.norm3.bias, self.norm3.weight, self.eps, dtype, one_plus=False,
+                             quant=is_fp8(self.cross_attn.q))
         # += cross-attention (no gate), then the FFN's modulated LayerNorm
-        x, h = residual_norm(x, self.cross_attn(h, context=context), None, shift_ff, scale_ff, self.eps, dtype)
+        x, h = residual_norm(x, self.cross_attn(h, context=context), None, shift_ff, scale_ff, self.eps, dtype,
+                             quant=is_fp8(self.ffn[0]))
         return gated_residual(x, self.feed_forward(h), gate_ff)
 
-    def feed_forward(self, h: Tensor) -> Tensor:
-        """Linear → GELU(tanh) → Linear; on CUDA the GELU runs in the first GEMM's epilogue (cuBLASLt)."""
+    def feed_forward(self, h: Tensor | Fp8Act) -> Tensor:
+        """Linear → GELU(tanh) → Linear; on CUDA the GELU runs in the first GEMM's epilogue (cuBLASLt), or
+        with fp8 layers in the kernel that quantizes the hidden activation for the second GEMM."""
         fc1, fc2 = self.ffn[0], self.ffn[2]
+        if is_fp8(fc1) or is_fp8(fc2):
+            hidden = fc1(h if is_fp8(fc1) or not isinstance(h, Fp8Act) else h.dequantize())  # (B, L, ffn)
+            return fc2(gelu_quant(hidden)) if is_fp8(fc2) else fc2(F.gelu(hidden, approximate="tanh"))
         if h.is_cuda:
             flat = torch._addmm_activation(fc1.bias, h.reshape(-1, h.shape[-1]), fc1.weight.t(), use_gelu=True)
             hidden = flat.view(*h.shape[:-1], -1)  # (B, L, ffn)
@@ -216,6 +228,8 @@ class WanDiT(nn.Module):
         # the image branch: its LayerNorms (fp32 in the official and diffusers models), FLF2V's position
         # table (added to the fp32 CLIP tokens) and the image keys' RMS norm
         "img_emb.proj.0", "img_emb.proj.4", "img_emb.emb_pos", "norm_k_img",
+        # the per-output-channel scales of fp8 layers (parallel/quantize.py)
+        "weight_scale",
     )
     # How many RoPE tables (one per (grid, device)) are kept, least recently used evicted: a request uses one grid.
     rope_cache_size: ClassVar[int] = 1

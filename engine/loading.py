@@ -9,6 +9,7 @@ mmap'd files, converted to the run dtype on the fly (a model's `keep_fp32` tenso
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -139,15 +140,20 @@ def load_dit(
     dtype: torch.dtype = torch.float32,
     expect: DiTConfig | None = None,
     host_names: set[str] | None = None,
+    prepare: Callable[[WanDiT], object] | None = None,
 ) -> WanDiT:
     """Load a Wan2.1 DiT (T2V, I2V or FLF2V, from the shapes) from any supported layout:
     `model(x, t, context) -> velocity`, image models also `clip_fea=`, `y=`.
 
     Tensors are converted to `dtype`, except `WanDiT.keep_fp32` ones, which stay float32 in a bf16/fp16 run.
     Tensors named in `host_names` (offloaded weights) are loaded to host memory instead of `device`.
+    `prepare(model)` changes the meta model first (parallel/quantize.apply_fp8: fp8 layers, then filled with
+    fp8 weights read as stored or quantized tensor by tensor).
     """
     view, cfg = open_dit(path, dtype)
-    model = build_dit(expect or cfg)
+    model = build_dit(expect or cfg, dtype if prepare is not None else None)
+    if prepare is not None:
+        prepare(model)
     place = (lambda n: "cpu" if n in host_names else device) if host_names else None
     load_into(model, view, device, dtype, f"Wan2.1 DiT ({(expect or cfg).name})", path, place=place)
     return model.eval().requires_grad_(False)

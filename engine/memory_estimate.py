@@ -103,6 +103,7 @@ class MemoryMode:
     t5: str = "gpu"  # "gpu", "cpu" or "fsdp"
     offload_model: bool = False  # T5 leaves the GPU after encoding, the DiT before decoding (not under FSDP)
     dtype_bytes: int = 2
+    fp8: bool = False  # --quantize fp8: block Linears 1 byte per parameter (the first and last blocks stay 16-bit)
     vae_decode: bool = True  # this rank holds the VAE and decodes
     vae_tiling: bool = False
     vae_parts: int = 1  # patch-parallel decode over this many ranks (the server: every rank, untiled rows)
@@ -246,6 +247,9 @@ def estimate(inp: EstimateInputs, cal: Calibration = DEFAULT) -> Estimate:
     units = offloaded_params(cfg, m.blocks_to_swap, m.offload_percent)
     dit_total = block_params(cfg) * cfg.num_layers + other_params(cfg)
     resident = (dit_total - sum(units)) * dt / fsdp_world
+    if m.fp8:  # fp8 blocks (parallel/quantize.py, default rule 1,1): 1 byte per block parameter, 16-bit elsewhere
+        kept = min(2, cfg.num_layers)
+        resident -= (cfg.num_layers - kept) * block_params(cfg) * (dt - 1) * (1 - sum(units) / max(dit_total, 1))
     if fsdp_world > 1:  # unsharded while running: the root's own parameters and the gathered blocks
         streamed = (other_params(cfg) + cal.FSDP_UNSHARDED_BLOCKS * block_params(cfg)) * dt
         root_unsharded = other_params(cfg) * dt

@@ -92,6 +92,8 @@ class WanPipeline:
         self.teacache_device = "gpu"
         self.teacache_agree: Callable[[str, bool], bool] | None = None  # set by parallel/ (rank agreement)
         self.step = 0
+        self.steps = 0  # the running request's step count (0 outside a request); with `step`, what a
+        # step-dependent kernel choice reads (8-bit attention's exact first/last steps)
         self.cache: TeaCache | None = None
         self.last_timesteps: list[float] = []  # what the model saw in the last denoise
         self.teacache_off_reason = ""  # why the last request ran without the TeaCache it asked for
@@ -166,6 +168,7 @@ class WanPipeline:
         """Run the sampler from seeded noise to the final latents (B, C, F', H/8, W/8) fp32."""
         sched = make_scheduler(req.sample_solver, req.sample_steps, req.sample_shift, req.sample_timesteps)
         self.last_timesteps = [float(t) for t in sched.timesteps.tolist()]
+        self.steps = len(self.last_timesteps)
         x = self.initial_noise(req)
         for i, t in enumerate(sched.timesteps.tolist()):
             self.step = i
@@ -239,6 +242,7 @@ class WanPipeline:
         if failed and hasattr(self.dit, "clear_caches"):
             self.dit.clear_caches()
         self.step = 0
+        self.steps = 0
 
     def _setup_cache(self, req: GenerationRequest) -> None:
         """Install TeaCache around the block runner for this request (or take it out)."""

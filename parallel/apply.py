@@ -159,6 +159,18 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
     view, dcfg = open_dit(files.dit, dtype)
     dcfg = task_config(cfg, files) or dcfg  # --task: the file must be that model (else: first mismatching tensor)
     model = build_dit(dcfg, dtype)  # each tensor in its run dtype (keep_fp32 ones fp32) before sharding
+    prepare = None
+    if getattr(cfg, "quantize", "none") == "fp8":  # fp8 layers on the meta model first: the offload plan counts their real bytes
+        from engine.cli import FP8_FSDP_REFUSAL
+        from parallel.quantize import apply_fp8, parse_keep_blocks
+
+        if mesh is not None:
+            raise ValueError(f"quantize: {FP8_FSDP_REFUSAL}")
+        rule = parse_keep_blocks(cfg.fp8_keep_blocks)
+        apply_fp8(model, rule)
+
+        def prepare(m: WanDiT) -> None:
+            apply_fp8(m, rule)
     planner = plan_fsdp_offload if mesh is not None else plan_offload
     plan = planner(model.blocks, cfg.blocks_to_swap, cfg.offload_percent)
     if mesh is not None:
@@ -176,7 +188,12 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
                      "rank's shards in host memory", len(plan.swapped), min(cfg.blocks_to_swap, len(model.blocks)),
                      cfg.offload_percent)
         return model.eval().requires_grad_(False)
-    model = load_dit(files.dit, rt.device, dtype, expect=dcfg, host_names=host_param_names(model, plan) or None)
+    model = load_dit(files.dit, rt.device, dtype, expect=dcfg, host_names=host_param_names(model, plan) or None,
+                     prepare=prepare)
+    if prepare is not None:
+        from parallel.quantize import fp8_summary
+
+        log.info("%s", fp8_summary(model))
     apply_offload(model, plan, rt.device)
     return model
 
@@ -240,6 +257,10 @@ def build_parallel_pipeline(cfg: RunConfig, rt: Runtime, files=None) -> tuple[Wa
     layout = resolve_layout(rt.world_size, info.num_heads, cfg.ulysses_size, cfg.ring_size, cfg.cfg_size,
                             cfg.use_context_parallel, rt.local_world_size)
     pipe = WanPipeline(dit, text_encoder, vae, rt.device, model_name=files.name, random_weights=files.random_weights)
+    if not kernel.exact and cfg.attention_exact_steps > 0:  # 8-bit attention: exact on the first/last steps
+        from parallel.attention_fp8 import with_exact_steps
+
+        kernel = with_exact_steps(kernel, get_kernel("auto", rt.device), cfg.attention_exact_steps, pipe)
     pipe.model_key = info.key
     pipe.image_encoder = image_encoder
     pipe.offload_t5 = cfg.offload_model and not t5_fsdp and t5_device.type == "cuda"

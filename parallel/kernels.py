@@ -1,7 +1,8 @@
 """Local attention kernels, (B, heads, L, D) layout. Each has a plain form and one that also returns the
 log-sum-exp (fp32, (B, heads, L)) that ring attention needs to merge partial results.
 
-`--attention auto|sdpa|sdpa_cudnn|sdpa_flash|flash_attn_2|flash_attn_3|flash_attn_4|sage|math`; a backend whose
+`--attention auto|sdpa|sdpa_cudnn|sdpa_flash|flash_attn_2|flash_attn_3|flash_attn_4|sage|fp8|int8_qk|math`
+(fp8, int8_qk: 8-bit attention, parallel/attention_fp8.py; not exact); a backend whose
 package is missing fails with the package to install; `auto` takes the fastest one available on the device:
 flash_attn_4 (FlashAttention-4, `pip install flash-attn-4`) on Hopper/Blackwell when installed, else cuDNN.
 A kernel may name another kernel for cross-attention (512 text keys), where a different one can be faster.
@@ -146,6 +147,10 @@ def _sage() -> Kernel:
 def get_kernel(name: str, device: torch.device) -> Kernel:
     """The local kernel for --attention NAME on this device."""
     if device.type != "cuda":
+        if name in EIGHT_BIT:
+            from parallel.attention_fp8 import fp8_kernel
+
+            return fp8_kernel(name, device, None)  # refuses with what it needs
         if name not in ("auto", "sdpa", "math"):
             raise BackendUnavailable(f"attention {name} needs a CUDA GPU; on CPU use auto, sdpa or math")
         return Kernel("sdpa" if name != "math" else "math", sdpa_attn if name != "math" else (lambda q, k, v: math_attn_lse(q, k, v)[0]), math_attn_lse)
@@ -171,8 +176,15 @@ def get_kernel(name: str, device: torch.device) -> Kernel:
         return _flash_attn_4(device)
     if name == "sage":
         return _sage()
+    if name in EIGHT_BIT:
+        from parallel.attention_fp8 import fp8_kernel
+
+        return fp8_kernel(name, device, get_kernel("auto", device))
     raise BackendUnavailable(f"attention must be one of auto, sdpa, sdpa_cudnn, sdpa_flash, flash_attn_2, flash_attn_3, "
-                             f"flash_attn_4, sage, math; got {name!r}")
+                             f"flash_attn_4, sage, fp8, int8_qk, math; got {name!r}")
+
+
+EIGHT_BIT = ("fp8", "int8_qk")
 
 
 def _cudnn_ok(device: torch.device) -> bool:

@@ -10,6 +10,8 @@ and frees its copy. Why merged rather than unmerged (a hook adding s·B(Ax) per 
     and storage, so a new strength or another LoRA set is only new input data (no float baked into a graph);
   * FSDP2: the merge runs on the local shard, rows [start, stop) of dim 0, using B's same rows — no
     collective, no gather; FSDP2's CPU offload keeps the shard on the host and the merge writes it there;
+  * fp8 layers (--quantize fp8): dequantize W0 with its per-channel scales, merge in fp32, quantize again
+    (new scales written with the weight); the pristine fp8 W0 and scales are what is kept;
   * block swap / offload (BlockStreamer): the host copy that is streamed in each forward is updated and a
     unit already prefetched for the next forward is dropped, so the stale device copy is never used;
   * exact: always from W0, so switching back and forth never accumulates rounding.
@@ -209,14 +211,24 @@ def apply_loras(model: nn.Module, loras: Sequence[LoraSpec], device: torch.devic
         with torch.no_grad():
             for t in todo:
                 slot = slots[t]
+                sname = _fp8_scale_name(t, slot, slots)  # an fp8 weight: its per-channel scale changes too
                 if t not in state.originals:
                     state.originals[t] = slot.dst.detach().to("cpu", copy=True)
-                if t in contrib:
+                    if sname is not None:
+                        state.originals[sname] = slots[sname].dst.detach().to("cpu", copy=True)
+                if t in contrib and sname is not None:
+                    w8, scale = _merged_fp8(state.originals[t], state.originals[sname], slot, contrib[t], t, dev)
+                    _write(slot, w8)
+                    _write(slots[sname], scale)
+                elif t in contrib:
                     _write(slot, _merged(state.originals[t], slot, contrib[t], t, dev))
+                if t in contrib:
                     state.merged[t] = sigs[t]
                     summary.changed += 1
                 else:
                     _write(slot, state.originals.pop(t))
+                    if sname is not None:
+                        _write(slots[sname], state.originals.pop(sname))
                     state.merged.pop(t)
                     summary.restored += 1
     _trim_cache(state, {lf.key for lf, _ in chosen})
@@ -281,6 +293,29 @@ def _merged(original: Tensor, slot: _Slot, parts: list[tuple[LoraFile, float]], 
             if strength:
                 acc += strength * lf.deltas[target].rows(slot.start, slot.start + n, dev).view_as(acc)
     return acc.to(slot.dst.dtype)
+
+
+def _fp8_scale_name(target: str, slot: _Slot, slots: dict[str, _Slot]) -> str | None:
+    """The `weight_scale` beside an fp8 weight (engine.fp8.Fp8Linear), else None."""
+    from engine.checkpoint import FP8_DTYPES
+
+    name = target[: -len("weight")] + "weight_scale" if target.endswith(".weight") else None
+    return name if slot.dst.dtype in FP8_DTYPES and name in slots else None
+
+
+def _merged_fp8(w8: Tensor, scale: Tensor, slot: _Slot, parts: list[tuple[LoraFile, float]], target: str,
+                dev: torch.device) -> tuple[Tensor, Tensor]:
+    """fp8 weights: dequantize W0 (its per-channel scales), add the deltas in fp32, quantize again per output
+    channel; from the pristine fp8 W0 every time, so removing the LoRAs restores it bit for bit."""
+    from engine.fp8 import dequantize_weight, quantize_weight
+
+    acc = dequantize_weight(w8.to(dev), scale.to(dev), torch.float32)
+    if slot.dst.numel():
+        n = slot.dst.shape[0]
+        for lf, strength in parts:
+            if strength:
+                acc += strength * lf.deltas[target].rows(slot.start, slot.start + n, dev).view_as(acc)
+    return quantize_weight(acc)
 
 
 def _write(slot: _Slot, value: Tensor) -> None:

@@ -80,7 +80,10 @@ def resolve_auto(cfg: RunConfig, rt: Runtime, files=None) -> RunConfig:
     t5 = open_checkpoint(files.t5)
     t5_gib = sum(math.prod(t5.shape(k)) for k in t5 if k != "spiece_model") * 2 / 2**30
     free = min(rt.all_gather_object(free_memory_gib(rt.device)))
-    chosen = auto_settings(rt.world_size, free, dit_gib, t5_gib, dcfg.num_layers, dcfg.dim)
+    import torch
+
+    fp8_ok = rt.device.type == "cuda" and torch.cuda.get_device_capability(rt.device) >= (8, 9)
+    chosen = auto_settings(rt.world_size, free, dit_gib, t5_gib, dcfg.num_layers, dcfg.dim, fp8_ok=fp8_ok)
     chosen = {k: v for k, v in chosen.items() if k not in cfg.cli_keys}
     if rt.rank == 0:
         log.info("preset auto: %.1f GiB free on the smallest GPU, DiT %.1f GiB, T5 %.1f GiB → %s",

@@ -162,6 +162,9 @@ def test_auto_preset_rule():
     assert one_small["t5_cpu"] and one_small["vae_tiling"] and one_small["blocks_to_swap"] == 27
     tiny_card = auto_settings(1, 4.0, 26.6, 10.6, 40, 5120)
     assert (tiny_card["blocks_to_swap"], tiny_card["offload_percent"]) == (40, 1.0)
+    card_24gb = auto_settings(1, 23.0, 26.6, 10.6, 40, 5120, fp8_ok=True)  # fp8 avoids the 27 swapped blocks
+    assert card_24gb["quantize"] == "fp8" and card_24gb["t5_cpu"] and card_24gb["blocks_to_swap"] == 0
+    assert "quantize" not in auto_settings(1, 12.0, 26.6, 10.6, 40, 5120, fp8_ok=True)  # too small even in fp8
 
 
 def test_block_swap_in_a_bf16_run_keeps_the_fp32_tensors_and_the_output(dit_path):
