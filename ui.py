@@ -476,7 +476,7 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
         gen.then(lambda: gr.update(interactive=False), None, stop, **private).then(
             ctl.panels, None, [history, history_paths, cluster], **private)
         if images:  # the request deleted its uploads: the boxes say so by emptying
-            gen.then(lambda: [None] * len(images), None, images, **private)
+            gen.then(lambda: None if len(images) == 1 else (None,) * len(images), None, images, **private)
         if info.defaults.get("sample_shift") is None:  # I2V 14B: the shift follows the size the user picks
             size.input(shift_for_size, size, shift, **private)
         stop.click(ctl.cancel, None, None, **private)
