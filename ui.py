@@ -70,7 +70,7 @@ from ui_parts import (
     shift_for_size,
     waiting_in_queue,
 )
-from uploads import GuardFiles, GuardUploads, Uploads, upload_path
+from uploads import GuardFileData, GuardFiles, GuardUploads, Uploads, upload_path
 
 log = logging.getLogger("wan.ui")
 
@@ -622,7 +622,8 @@ def serve_ui(server, cfg: RunConfig, auth: list[tuple[str, str]] | None = None) 
                 enable_monitoring=False, ssr_mode=False,
                 run_history=False, mcp_server=False, pwa=False, footer_links=["api"], css=CSS, quiet=False,
                 app_kwargs={"middleware": [Middleware(GuardUploads, uploads=uploads), Middleware(GuardFiles, uploads=uploads),
-                                           Middleware(GuardQueueJoin, fn_indices=lambda: demo.fns.keys())],
+                                           Middleware(GuardQueueJoin, fn_indices=lambda: demo.fns.keys()),
+                                           Middleware(GuardFileData, uploads=uploads)],
                             "routes": [healthz_route(server)]},
                 prevent_thread_lock=True,  # returns once serving (the port is bound); blocked on below
             )

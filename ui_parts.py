@@ -140,8 +140,8 @@ def image_inputs(image_count: int) -> list[gr.Image]:
                           height=170, buttons=[], placeholder=f"{IMAGE_LABELS[name]}: drop an image or click")
                  for name in names]
     gr.Markdown(IMAGE_NOTE.format(mb=MAX_IMAGE_BYTES // 2**20, side=MAX_IMAGE_SIDE), elem_id="image-note")
-    for box in boxes:
-        raw_file_input(box)
+    for name, box in zip(names, boxes):
+        raw_file_input(box, name)
     return boxes
 
 

@@ -178,16 +178,31 @@ def upload_path(value: Any) -> Any:
     return path if isinstance(path, str) else value
 
 
-def raw_file_input(component) -> None:
+def raw_file_input(component, field: str) -> None:
     """Let every value of a file input (gr.Image) reach the handler as it was sent: no decoding by Gradio (which
     would open the image with Pillow before engine/images.py checks it) and no FileData parsing (whose refusal
-    of a string names no field). The component keeps its API description. Gradio still refuses FileData that
-    points outside its upload folder. Instance attributes, as ui_parts.server_checked."""
+    of a string names no field); FileData naming a URL is refused, where Gradio would download it. The
+    component keeps its API description. Gradio still refuses FileData that points outside its upload folder.
+    Instance attributes, as ui_parts.server_checked."""
+    import gradio as gr
+    from gradio_client.utils import is_http_url_like
+
+    from engine.images import _limit_text
+
     info, as_input = component.api_info(), component.api_info_as_input()
     component.api_info = lambda: info
     component.api_info_as_input = lambda: as_input
     component.data_model = None
     component.preprocess = lambda payload: payload
+    fetch = component.async_move_resource_to_block_cache
+
+    async def no_downloads(path):
+        if isinstance(path, str) and is_http_url_like(path):
+            raise gr.Error(f"{field}: must be uploaded image data, not a URL ({_limit_text()})",
+                           title=f"Invalid {field}", print_exception=False)
+        return await fetch(path)
+
+    component.async_move_resource_to_block_cache = no_downloads
 
 
 # -- ASGI middleware --------------------------------------------------------------------------------------
@@ -320,3 +335,69 @@ class GuardFiles:
                 await _answer(scope, receive, send, 403, "uploaded files are not served")
                 return
         await self.app(scope, receive, send)
+
+
+def _is_file_data(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("meta"), dict) and obj["meta"].get("_type") == "gradio.FileData"
+
+
+def strip_file_data(obj: Any, uploads: Uploads) -> tuple[Any, bool]:
+    """`obj` with every FileData that names no upload of this server (a path elsewhere, a URL) replaced by its
+    bare `path` value, and whether anything changed. Gradio would refuse such a value with a traceback in the
+    log (a path) or download it (a URL); as a plain value it reaches the handler, whose refusal names the field."""
+    changed = False
+
+    def walk(node: Any, depth: int) -> Any:
+        nonlocal changed
+        if depth > 64:
+            return node
+        if _is_file_data(node) and uploads.inside(node.get("path")) is None:
+            changed = True
+            return node.get("path")
+        if isinstance(node, list):
+            return [walk(v, depth + 1) for v in node]
+        if isinstance(node, dict):
+            return {k: walk(v, depth + 1) for k, v in node.items()}
+        return node
+
+    return walk(obj, 0), changed
+
+
+class GuardFileData:
+    """ASGI middleware for POST …/queue/join (behind GuardQueueJoin, which bounds the body): FileData values that
+    name no upload of this server become plain values (strip_file_data) before Gradio sees them."""
+
+    def __init__(self, app, uploads: Uploads) -> None:
+        self.app, self.uploads = app, uploads
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/queue/join"):
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            parsed = json.loads(body)
+            data, changed = strip_file_data(parsed.get("data"), self.uploads) if isinstance(parsed, dict) else (None, False)
+        except (ValueError, RecursionError):
+            changed = False
+        if changed:
+            body = json.dumps({**parsed, "data": data}).encode("utf-8", "surrogatepass")
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+            scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

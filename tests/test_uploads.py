@@ -415,21 +415,20 @@ def test_uploads_are_not_served_to_other_clients_and_results_still_are(i2v_app, 
     assert r.status_code == 200 and r.content[4:8] == b"ftyp"  # a result is served from Gradio's copy
 
 
-def test_the_api_refuses_file_data_outside_the_uploads_without_a_traceback(i2v_app):
+def test_the_api_refuses_file_data_outside_the_uploads_naming_the_image(i2v_app):
     from tests.reliability_util import QueueClient
 
     qc = QueueClient(i2v_app.url, login=False)
     try:
         data = ["a cat", "", "208*144", 5, 2, 5.0, 5.0, 1, "unipc", 1, None, None, None, None, None, 0.0, [], ""]
         answers = [qc.call([*data, {"path": p, "meta": {"_type": "gradio.FileData"}}])
-                   for p in ("/etc/passwd", f"{i2v_app.uploads}/../../../../etc/passwd")]
+                   for p in ("/etc/passwd", f"{i2v_app.uploads}/" + "../" * 30 + "etc/passwd")]
         answers.append(qc.call([*data, "/etc/passwd"]))
     finally:
         qc.close()
-    assert [a.kind for a in answers] == ["error"] * 3
+    assert [a.error for a in answers] == [f"image: must be uploaded image data, not a path on the server ({LIMIT})"] * 3
     assert not any(TRACEBACK.search(a.raw) or "root:x:0:0" in a.raw for a in answers)
-    assert answers[2].error.startswith("image: must be uploaded image data, not a path on the server")
-    assert Path("/etc/passwd").exists()
+    assert "Traceback" not in i2v_app.log(100_000)  # Gradio never saw them as files (uploads.GuardFileData)
 
 
 def test_text_to_video_refuses_every_upload(tmp_path, tiny_model_dir):
@@ -460,3 +459,17 @@ def test_text_to_video_refuses_every_upload(tmp_path, tiny_model_dir):
 
     answer = asyncio.run(call())
     assert answer[0]["status"] == 403 and b"its model takes no images" in answer[1]["body"] and sent == []
+
+
+def test_file_data_naming_no_upload_becomes_a_plain_value_before_gradio_sees_it(tmp_path):
+    from uploads import Uploads, strip_file_data
+
+    folder = tmp_path / "out" / ".gradio-cache"
+    uploads = Uploads(folder, tmp_path / "out", enabled=True)
+    fd = {"meta": {"_type": "gradio.FileData"}}
+    ours = {"path": str(folder / "h" / "a.png"), **fd}
+    data = ["a cat", {"path": "/etc/passwd", **fd}, ours, [{"path": "http://example.com/x.png", "url": "u", **fd}],
+            {"path": 5, **fd}, {"path": "/etc/passwd"}]
+    out, changed = strip_file_data(data, uploads)
+    assert changed and out == ["a cat", "/etc/passwd", ours, ["http://example.com/x.png"], 5, {"path": "/etc/passwd"}]
+    assert strip_file_data(["a cat", ours], uploads) == (["a cat", ours], False)
