@@ -473,3 +473,20 @@ def test_file_data_naming_no_upload_becomes_a_plain_value_before_gradio_sees_it(
     out, changed = strip_file_data(data, uploads)
     assert changed and out == ["a cat", "/etc/passwd", ours, ["http://example.com/x.png"], 5, {"path": "/etc/passwd"}]
     assert strip_file_data(["a cat", ours], uploads) == (["a cat", ours], False)
+
+
+def test_flf2v_api_takes_first_and_last_frame_and_deletes_both(tmp_path, tiny_model_dir):
+    from gradio_client import Client, handle_file
+
+    first, last = tmp_path / "a.png", tmp_path / "b.png"
+    first.write_bytes(png_bytes(160, 120, seed=31))
+    last.write_bytes(png_bytes(120, 160, seed=32))  # another shape: fitted to the first frame's
+    with running_app(tmp_path / "flf2v", tiny_model_dir, "--task", "flf2v-14B") as app:
+        out = Client(app.url, verbose=False, download_files=False).predict(
+            prompt="day turns to night", image=handle_file(str(first)), last_frame=handle_file(str(last)),
+            api_name="/generate", **SMALL)
+        side = json.loads(app.videos()[0].with_suffix(".json").read_text())
+        left = [p for p in (app.outputs / ".gradio-cache").rglob("*.png")]
+    assert out[4].startswith("Done") and "first frame 160*120" in out[4] and "last frame 120*160" in out[4]
+    assert (side["image"]["size"], side["last_frame"]["size"], side["size"]) == ("160*120", "120*160", "192*144")
+    assert left == []
