@@ -212,6 +212,7 @@ def test_raw_request_carries_the_uploaded_path_and_the_image_sets_the_shape(tmp_
     ("/etc/passwd", f"image: must be uploaded image data, not a path on the server ({LIMIT})"),
     ("UPLOAD/" + "../" * 30 + "etc/passwd", f"image: must be uploaded image data, not a path on the server ({LIMIT})"),
     ("UPLOAD/gone.png", f"image: the uploaded file is missing (it must be {LIMIT})"),
+    ("UPLOAD/x\x00.png", f"image: must be uploaded image data, not a path on the server ({LIMIT})"),
     (b"random", f"image: is not an image this server reads; it must be {LIMIT}"),
     (b"", f"image: is empty; it must be {LIMIT}"),
     (b"gif", f"image: is not an image this server reads; it must be {LIMIT}"),
@@ -219,7 +220,7 @@ def test_raw_request_carries_the_uploaded_path_and_the_image_sets_the_shape(tmp_
     (b"bomb", f"image: decodes to more than 67,108,864 pixels (a decompression bomb?); it must be {LIMIT}"),
     (12, f"image: must be {LIMIT}; got int"),
     ({"a": 1}, f"image: must be {LIMIT}; got dict"),
-], ids=["missing", "system_path", "dotdot", "deleted_upload", "random_bytes", "empty", "gif", "truncated_png",
+], ids=["missing", "system_path", "dotdot", "deleted_upload", "nul_in_path", "random_bytes", "empty", "gif", "truncated_png",
         "bomb", "int", "dict"])
 def test_a_bad_image_is_refused_naming_the_field_and_the_limit_in_the_status_line(tmp_path, value, message):
     from engine.cli import upload_dir
