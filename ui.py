@@ -22,7 +22,8 @@ from typing import Any
 
 import gradio as gr
 
-from engine.cli import RunConfig
+from engine.cli import RunConfig, upload_dir
+from engine.images import MAX_IMAGE_BYTES
 from engine.lora import STRENGTH_RANGE, list_loras
 from engine.pipeline import Cancelled
 from engine.request import (
@@ -41,9 +42,11 @@ from parallel.layout import LayoutError
 from parallel.serve import RankFailed
 from presets import available_presets, load_preset
 from ui_parts import (
+    IMAGE_FIELDS,
     LAYOUT_FIELDS,
     LORA_SLOTS,
     ONE_RANK_NOTE,
+    TASK_WORDS,
     adjust_layout,
     auto_preset,
     check_layout_sizes,
@@ -54,6 +57,8 @@ from ui_parts import (
     fmt_seconds,
     fmt_value,
     history_items,
+    image_inputs,
+    image_text,
     int_or_none,
     layout_field,
     lora_slots,
@@ -62,8 +67,10 @@ from ui_parts import (
     progress_text,
     restored_form,
     server_checked,
+    shift_for_size,
     waiting_in_queue,
 )
+from uploads import GuardFileData, GuardFiles, GuardUploads, Uploads, upload_path
 
 log = logging.getLogger("wan.ui")
 
@@ -79,6 +86,7 @@ MEMORY_KEYS = ("offload_percent", "blocks_to_swap")  # per request; the engine r
 FORM_KEYS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
              "base_seed", "sample_solver", "batch_size", "ulysses_size", "ring_size", "cfg_size", "offload_percent",
              "blocks_to_swap", "teacache", "loras", "sample_timesteps")
+IMAGE_KEYS = IMAGE_FIELDS  # then, for image-to-video models only: image (and last_frame), as uploaded files
 # What a history item restores, in the order of Controller.show_history's outputs after video, files, seed,
 # sidecar and status.
 RESTORE_KEYS = ("prompt", "negative_prompt", "size", "frame_num", "sample_steps", "sample_guide_scale", "sample_shift",
@@ -116,13 +124,14 @@ class Controller:
         self._lock = threading.Lock()
         self.job: Job | None = None
         self._cancel_queued: set[str] = set()
+        self.uploads = Uploads(upload_dir(cfg), cfg.outputs_dir, enabled=self.info.limits.image_inputs > 0)
         self.is_waiting: Callable[[str], bool] = lambda session: False  # set by build_ui: in Gradio's queue?
 
     # -- request ------------------------------------------------------------------------------------------
     def raw_request(self, prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale, sample_shift,
                     base_seed, sample_solver, batch_size, ulysses_size=None, ring_size=None, cfg_size=None,
                     offload_percent=None, blocks_to_swap=None, teacache=None, loras=None,
-                    sample_timesteps=None) -> dict:
+                    sample_timesteps=None, image=None, last_frame=None) -> dict:
         """The form's values as a raw request, checked by dispatcher.validate (gr.Error naming the field).
         Explicit timesteps apply while Steps equals their count (the Steps control wins otherwise). Unset
         layout sizes and memory settings are the server's defaults."""
@@ -136,6 +145,7 @@ class Controller:
                    "teacache": teacache, "ulysses_size": ulysses_size, "ring_size": ring_size, "cfg_size": cfg_size,
                    "offload_percent": offload_percent, "blocks_to_swap": blocks_to_swap, "loras": loras,
                    "sample_timesteps": timesteps}
+            raw.update({k: upload_path(v) for k, v in zip(IMAGE_KEYS, (image, last_frame)) if v is not None})
             # the field checks first: layout_for (in dispatcher.validate) takes only numbers, never "2" or 2.0
             req = validate_request(raw, self.info.limits, self.info.defaults)
             raw.update({k: getattr(req, k) for k in (*LAYOUT_FIELDS, *MEMORY_KEYS) if raw[k] is not None})
@@ -146,15 +156,28 @@ class Controller:
 
     def generate(self, prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale, sample_shift,
                  base_seed, sample_solver, batch_size, ulysses_size, ring_size, cfg_size, offload_percent,
-                 blocks_to_swap, teacache, request: gr.Request, loras=None, sample_timesteps=None,
-                 progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress tracker
-        """Generate video(s) from a text prompt; returns the mp4 first, then files, seed used, metadata, and a
-        plain-text status line. A refusal or failure also sets the status line to its message."""
+                 blocks_to_swap, teacache, request: gr.Request, loras=None, sample_timesteps=None, image=None,
+                 last_frame=None, progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress tracker
+        """Generate video(s) from a text prompt (and the uploaded first / last frame of an image-to-video model);
+        returns the mp4 first, then files, seed used, metadata, and a plain-text status line. A refusal or
+        failure also sets the status line to its message. The uploads are deleted once the request ends."""
+        try:
+            yield from self._generate(prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale,
+                                      sample_shift, base_seed, sample_solver, batch_size, ulysses_size, ring_size,
+                                      cfg_size, offload_percent, blocks_to_swap, teacache, request, loras,
+                                      sample_timesteps, image, last_frame, progress)
+        finally:
+            self.uploads.release(upload_path(image), upload_path(last_frame))
+
+    def _generate(self, prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale, sample_shift,
+                  base_seed, sample_solver, batch_size, ulysses_size, ring_size, cfg_size, offload_percent,
+                  blocks_to_swap, teacache, request, loras, sample_timesteps, image, last_frame, progress):
         skip = gr.skip()
         try:
             raw = self.raw_request(prompt, negative_prompt, size, frame_num, sample_steps, sample_guide_scale,
                                    sample_shift, base_seed, sample_solver, batch_size, ulysses_size, ring_size,
-                                   cfg_size, offload_percent, blocks_to_swap, teacache, loras, sample_timesteps)
+                                   cfg_size, offload_percent, blocks_to_swap, teacache, loras, sample_timesteps,
+                                   image, last_frame)
         except gr.Error as err:
             yield skip, skip, skip, skip, f"Error: {getattr(err, 'plain', err.message)}"
             raise
@@ -274,6 +297,8 @@ class Controller:
         files = [video, sidecar] if Path(sidecar).exists() else [video]
         form = restored_form(meta, self.state)
         shown = f"Showing {Path(video).name} from the history; its settings are back in the form."
+        if image_text(meta):
+            shown += f" It was made from the {image_text(meta)}; uploads are not kept: upload the image again."
         return (video, files, str(meta.get("seed", "")), meta, shown, *[form.get(k, gr.skip()) for k in RESTORE_KEYS])
 
     def apply_preset(self, name: str | None):
@@ -348,22 +373,28 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
     sizes = list(info.limits.sizes)
     if d["size"] not in sizes:
         sizes.insert(0, d["size"])
-    with gr.Blocks(title="Wan2.1 text-to-video", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+    task = TASK_WORDS[info.limits.image_inputs]
+    size_info = "any W*H in multiples of 16" if info.limits.any_multiple_of_16 else None
+    if info.limits.image_inputs:
+        size_info = "the area; the shape follows the image" + (f" ({size_info})" if size_info else "")
+    if d.get("sample_shift") is None:  # I2V 14B: the official shift goes with the size (3.0 at 480p, else 5.0)
+        d = {**d, "sample_shift": shift_for_size(d["size"])}
+    with gr.Blocks(title=f"Wan2.1 {task}", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         if info.random_weights:
             gr.HTML(f'<div class="wan-banner" id="random-weights-banner">Random weights: {html.escape(RANDOM_WEIGHTS_NOTICE)}</div>')
-        gr.Markdown(f"## Wan2.1 text-to-video · model {info.key} · {plural(world, 'rank')} · {lay}", elem_id="title")
+        gr.Markdown(f"## Wan2.1 {task} · model {info.key} · {plural(world, 'rank')} · {lay}", elem_id="title")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=3, max_length=MAX_PROMPT_CHARS, elem_id="prompt",
                                     placeholder="A cat walks on the grass, realistic style.")
+                images = image_inputs(info.limits.image_inputs)  # [] for text-to-video
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
                     stop = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel", scale=1)
                 status = gr.Textbox("Ready.", label="Status", elem_id="status", interactive=False, max_lines=2)
                 with gr.Row():
                     size = gr.Dropdown(sizes, value=d["size"], label="Size (W*H)", elem_id="size",
-                                       allow_custom_value=info.limits.any_multiple_of_16,
-                                       info="any W*H in multiples of 16" if info.limits.any_multiple_of_16 else None)
+                                       allow_custom_value=info.limits.any_multiple_of_16, info=size_info)
                     frames = gr.Slider(1, MAX_FRAMES, value=d["frame_num"], step=4, precision=0, label="Frames (4n+1)", elem_id="frames")
                     steps = gr.Slider(1, MAX_STEPS, value=d["sample_steps"], step=1, precision=0, label="Steps", elem_id="steps")
                 with gr.Accordion("Parallel layout and memory (per request)", open=True):
@@ -443,10 +474,14 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
         private = {"queue": False, "api_visibility": "private"}
         # Cancel is enabled first: the page runs a trigger's listeners in the order they were added
         run.click(lambda: gr.update(interactive=True), None, stop, **private)
-        gen = run.click(ctl.generate, form, [video, files, seed_used, details, status], api_name="generate",
+        gen = run.click(ctl.generate, form + images, [video, files, seed_used, details, status], api_name="generate",
                         concurrency_limit=1, concurrency_id="gpu", show_progress_on=[video], scroll_to_output=False)
         gen.then(lambda: gr.update(interactive=False), None, stop, **private).then(
             ctl.panels, None, [history, history_paths, cluster], **private)
+        if images:  # the request deleted its uploads: the boxes say so by emptying
+            gen.then(lambda: None if len(images) == 1 else (None,) * len(images), None, images, **private)
+        if info.defaults.get("sample_shift") is None:  # I2V 14B: the shift follows the size the user picks
+            size.input(shift_for_size, size, shift, **private)
         stop.click(ctl.cancel, None, None, **private)
         sliders = [ulysses, ring, cfg_size]
         for which, slider in zip(("ulysses", "ring", "cfg"), sliders):
@@ -468,21 +503,6 @@ def build_ui(server, cfg: RunConfig) -> gr.Blocks:
     ctl.is_waiting = lambda session: waiting_in_queue(demo, session)
     demo.controller = ctl  # for tests and embedding
     return demo
-
-
-class RefuseUploads:
-    """ASGI middleware: this app takes no files from clients, so Gradio's upload route answers 403."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/upload"):
-            from starlette.responses import JSONResponse
-
-            await JSONResponse({"detail": "uploads are disabled on this server"}, status_code=403)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 MAX_JOIN_BYTES = 2**20  # a queue-join body: 12 values, the prompts ≤ 2,000 characters (Gradio itself has no limit)
@@ -596,6 +616,7 @@ def serve_ui(server, cfg: RunConfig, auth: list[tuple[str, str]] | None = None) 
 
     jobs = start_jobs(server, cfg)  # outputs/jobs.sqlite: what the last gang left queued or running goes on
     demo = build_ui(server, cfg)
+    uploads = demo.controller.uploads  # the upload and file routes' guards share its record of the uploads
     demo.queue(default_concurrency_limit=1, max_size=cfg.queue_size, api_open=False)
     for attempt in range(1, PORT_ATTEMPTS + 1):
         port = cfg.port or unused_port(cfg.listen)  # --port 0: a port of the system's choosing
@@ -604,9 +625,12 @@ def serve_ui(server, cfg: RunConfig, auth: list[tuple[str, str]] | None = None) 
                 server_name=cfg.listen, server_port=port, share=cfg.share, auth=auth,
                 auth_message="Wan2.1 text-to-video: log in with the user and password the server was started with.",
                 show_error=False,  # only gr.Error messages reach the client; tracebacks stay in the server log
-                allowed_paths=[str(outputs)], blocked_paths=jobs.store.private_paths(), max_file_size="1mb", enable_monitoring=False, ssr_mode=False,
+                allowed_paths=[str(outputs)], blocked_paths=jobs.store.private_paths(),
+                max_file_size=MAX_IMAGE_BYTES if uploads.enabled else "1mb", enable_monitoring=False, ssr_mode=False,
                 run_history=False, mcp_server=False, pwa=False, footer_links=["api"], css=CSS, quiet=False,
-                app_kwargs={"middleware": [Middleware(RefuseUploads), Middleware(GuardQueueJoin, fn_indices=lambda: demo.fns.keys())],
+                app_kwargs={"middleware": [Middleware(GuardUploads, uploads=uploads), Middleware(GuardFiles, uploads=uploads),
+                                           Middleware(GuardQueueJoin, fn_indices=lambda: demo.fns.keys()),
+                                           Middleware(GuardFileData, uploads=uploads)],
                             "routes": [healthz_route(server), *api_routes(server, cfg, jobs)]},
                 prevent_thread_lock=True,  # returns once serving (the port is bound); blocked on below
             )

@@ -23,6 +23,11 @@ HISTORY_LIMIT = 24
 LORA_SLOTS = 4  # strength sliders on the page (a request takes at most engine.request.MAX_LORAS)
 ONE_RANK_NOTE = "1 rank: restart with ./launch.sh --nproc N for more"
 LAYOUT_FIELDS = ("ulysses_size", "ring_size", "cfg_size")
+IMAGE_FIELDS = ("image", "last_frame")  # the request's image inputs, in /generate's order after the form's
+IMAGE_LABELS = {"image": "First frame", "last_frame": "Last frame"}
+IMAGE_NOTE = ("The video's shape follows the first frame's aspect ratio; Size gives its area. PNG, JPEG or WebP, "
+              "at most {mb} MB and {side} pixels a side. Each upload serves one request and is deleted when it ends.")
+TASK_WORDS = {0: "text-to-video", 1: "image-to-video", 2: "first-last-frame-to-video"}
 
 
 # -- words --------------------------------------------------------------------------------------------------
@@ -64,6 +69,8 @@ def done_text(out) -> str:
         if (mode.get("replan_s") or 0) > 0:
             text += f" (weights re-planned in {fmt_seconds(mode['replan_s'])})"
         parts.append(text)
+    if image_text(out.meta):
+        parts.append(image_text(out.meta))
     return " · ".join(parts)
 
 
@@ -116,6 +123,41 @@ def int_or_none(value: Any) -> int | None:
         return int(float(value))
     except (TypeError, ValueError, OverflowError):
         return None
+
+
+# -- image inputs ------------------------------------------------------------------------------------------
+def image_inputs(image_count: int) -> list[gr.Image]:
+    """The upload boxes of an image-to-video model (First frame; Last frame too for FLF2V) and the note on the
+    output's shape; [] for a text-to-video model. Every value reaches the Controller as sent."""
+    from engine.images import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE
+    from uploads import raw_file_input
+
+    names = IMAGE_FIELDS[:image_count]
+    if not names:
+        return []
+    with gr.Row(elem_id="images"):
+        boxes = [gr.Image(type="filepath", sources=["upload", "clipboard"], label=IMAGE_LABELS[name], elem_id=name,
+                          height=170, buttons=[], placeholder=f"{IMAGE_LABELS[name]}: drop an image or click")
+                 for name in names]
+    gr.Markdown(IMAGE_NOTE.format(mb=MAX_IMAGE_BYTES // 2**20, side=MAX_IMAGE_SIDE), elem_id="image-note")
+    for name, box in zip(names, boxes):
+        raw_file_input(box, name)
+    return boxes
+
+
+def shift_for_size(size: Any) -> float:
+    """The official I2V 14B shift for a size: 3.0 at 832*480 / 480*832 (480p), 5.0 otherwise."""
+    return 3.0 if str(size).replace(" ", "").replace("x", "*") in ("832*480", "480*832") else 5.0
+
+
+def image_text(meta: dict) -> str:
+    """The conditioning images of a sidecar in words: 'first frame 400*300 (sha256 1a2b3c4d…)'; '' for none."""
+    parts = []
+    for name, words in (("image", "first frame"), ("last_frame", "last frame")):
+        info = meta.get(name)
+        if isinstance(info, dict):
+            parts.append(f"{words} {info.get('size', '?')} (sha256 {str(info.get('sha256', '?'))[:12]}…)")
+    return ", ".join(parts)
 
 
 # -- the layout sliders ---------------------------------------------------------------------------------------
@@ -291,6 +333,8 @@ def history_items(outputs_dir: str | Path, items: list[dict] | None = None) -> t
     for it in items:
         m = it["meta"]
         caption = f"{str(m.get('prompt', ''))[:40]} · seed {m.get('seed', '?')} · {m.get('size', '?')} · {m.get('frame_num', '?')} frames"
+        if isinstance(m.get("image"), dict):
+            caption += f" · from a {m['image'].get('size', '?')} image"
         gallery.append((it["video"], caption))
     return gallery, [it["video"] for it in items]
 

@@ -37,6 +37,8 @@ def read_image_bytes(source: bytes | str | Path, field: str, allowed_dirs: tuple
     elif isinstance(source, (str, Path)):
         if not str(source).strip():
             raise RequestError(field, f"must be {_limit_text()}; got an empty value")
+        if "\x00" in str(source):  # no file has such a name (Path.resolve would raise ValueError)
+            raise RequestError(field, f"must be uploaded image data, not a path on the server ({_limit_text()})")
         try:
             path = Path(source).resolve(strict=True)
         except (OSError, RuntimeError):

@@ -495,3 +495,79 @@ def judge_api(status: int, text: str, changed: set[str] | None, tally: FuzzTally
     else:
         tally.bad.append(f"{status} {text[:200]!r} for {what}")
     return None
+
+
+# -- hostile images (image-to-video servers) ------------------------------------------------------------------
+def image_bytes(fmt: str = "PNG", w: int = 64, h: int = 48, seed: int = 0) -> bytes:
+    """A random-pixel image in `fmt` (any format Pillow writes)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_declaring(w: int, h: int) -> bytes:
+    """A small, well-formed PNG whose header declares w×h pixels, with a few rows of data: a decompression bomb
+    (or, at sizes the server takes, a truncated image)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\x00" * (1 + w) * 8)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def hostile_image_files() -> list[tuple[str, str, bytes]]:
+    """(case, file name, bytes) of files no image input should take, each uploaded and then named in a request."""
+    png = image_bytes("PNG", 256, 256, seed=1)
+    return [
+        ("random bytes", "noise.png", random.Random(3).randbytes(4096)),
+        ("truncated PNG", "cut.png", png[: len(png) // 3]),
+        ("PNG declaring 30000x30000 (bomb)", "bomb.png", png_declaring(30000, 30000)),
+        ("PNG declaring 9000x16 (over 8192 a side)", "wide.png", png_declaring(9000, 16)),
+        ("8x8 PNG (under 16 a side)", "tiny.png", image_bytes("PNG", 8, 8)),
+        ("GIF", "anim.gif", image_bytes("GIF")),
+        ("BMP", "pic.bmp", image_bytes("BMP")),
+        ("TIFF", "pic.tiff", image_bytes("TIFF")),
+        ("GIF named .png", "gif.png", image_bytes("GIF", seed=2)),
+        ("0-byte file", "empty.png", b""),
+        ("text file", "passwd.png", b"root:x:0:0:root:/root:/bin/bash\n"),
+        ("HTML", "page.html", b"<script>alert(1)</script>"),
+        ("JPEG header only", "head.jpg", image_bytes("JPEG", 256, 256)[:200]),
+    ]
+
+
+def hostile_image_values(upload_dir: Path) -> list[tuple[str, Any]]:
+    """(case, value) of image fields that are no upload at all: paths, traversal, wrong types."""
+    fd = {"meta": {"_type": "gradio.FileData"}}
+    return [
+        ("system file path", "/etc/passwd"),
+        ("relative path with ../", "../../../../../../etc/passwd"),
+        ("upload folder then ../", f"{upload_dir}/../../../../../../etc/passwd"),
+        ("the app's own source", str(ROOT / "app.py")),
+        ("missing upload", f"{upload_dir}/{uuid.uuid4().hex}/gone.png"),
+        ("the upload folder itself", str(upload_dir)),
+        ("FileData of a system file", {"path": "/etc/passwd", **fd}),
+        ("FileData with ../", {"path": f"{upload_dir}/../../../../../../etc/passwd", **fd}),
+        ("FileData of a URL", {"path": "http://169.254.169.254/latest/meta-data/", "url": "http://169.254.169.254/", **fd}),
+        ("dict without path", {"a": 1}),
+        ("dict with a number path", {"path": 5}),
+        ("empty string", ""),
+        ("integer", 7),
+        ("boolean", True),
+        ("list", ["/etc/passwd"]),
+        ("NUL in path", f"{upload_dir}/x\x00.png"),
+        ("data URL", "data:image/png;base64,iVBORw0KGgo="),
+    ]
+
+
+def upload_file(url: str, cookies: httpx.Cookies | None, name: str, data: bytes) -> httpx.Response:
+    """POST one file to Gradio's upload route, as the page and gradio_client do."""
+    return httpx.post(url + "/gradio_api/upload", files={"files": (name, data)}, cookies=cookies, timeout=60)

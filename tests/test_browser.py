@@ -383,3 +383,41 @@ def test_a_lora_chosen_on_the_page_with_a_strength_is_applied_and_recorded(brows
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "test_lora_chosen_on_the_page.png"), full_page=True)
             ctx.close()
+
+
+def test_an_image_uploaded_on_the_i2v_page_becomes_the_video_and_is_deleted_after(browser, tmp_path, tiny_model_dir):
+    """--task i2v-14B (the tiny I2V model): the page has a First frame box; a PNG dropped there shows as its
+    preview (served back to this browser only), Generate makes a video in the image's aspect ratio, the status
+    line names the image, and the upload is deleted with the request (the box empties)."""
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "landscape.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(src)
+    with running_app(tmp_path / "app", tiny_model_dir, "--task", "i2v-14B") as app:
+        ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+        page = ctx.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            open_page(page, app.url)
+            assert "image-to-video" in page.locator("h2").first.inner_text()
+            assert page.locator("#last_frame").count() == 0  # I2V: one image
+            assert "Size gives its area" in page.locator("#image-note").inner_text()
+            page.locator("#image input[type=file]").set_input_files(str(src))
+            page.wait_for_function("() => { const i = document.querySelector('#image img');"
+                                   " return i && i.complete && i.naturalWidth === 160; }")
+            fill_small_request(page, "a picture comes alive")
+            page.click("#generate")
+            done = wait_status(page, "^Done")
+            assert "first frame 160*120 (sha256 " in done, done
+            video = playable_video(page)
+            assert (video["width"], video["height"]) == (192, 144)  # 4:3 like the image, at the area of 208*144
+            page.wait_for_function("() => !document.querySelector('#image img')")  # the upload is gone
+            uploads = app.outputs / ".gradio-cache"
+            assert [p for p in uploads.rglob("*.png")] == []
+            side = json.loads(next(iter(app.videos())).with_suffix(".json").read_text())
+            assert side["image"]["size"] == "160*120"
+        finally:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "test_i2v_page.png"), full_page=True)
+            ctx.close()

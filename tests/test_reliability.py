@@ -42,11 +42,15 @@ from tests.reliability_util import (
     expensive,
     fuzz_cases,
     health,
+    hostile_image_files,
+    hostile_image_values,
+    image_bytes,
     judge,
     judge_api,
     login_cookies,
     raw_get,
     start_gang,
+    upload_file,
     wait_for,
 )
 from tests.ui_server import ROOT
@@ -603,3 +607,93 @@ def test_gang_idle_longer_than_the_compute_timeout_then_serves(gangs, scale):
     assert "Done" in out[4] and video_file(out[0]).exists()
     assert code == 200 and body["status"] == "ok", body
     assert "Traceback" not in gang.log(0) and " ERROR " not in gang.log(0)
+
+
+# -- 7. hostile images -------------------------------------------------------------------------------------------
+# The cheapest image-to-video request (a 128×96 area, 1 frame, 1 step) in /generate's order; the image appended.
+IMAGE_REQUEST = ["a red fox in the snow", "", "128*96", 1, 1, 5.0, 5.0, 7, "unipc", 1, None, None, None, None, None,
+                 0.0, [], ""]
+
+
+@pytest.fixture(scope="module")
+def i2v_server(tmp_path_factory, tiny_model_dir):
+    """One process serving the embedded tiny I2V model (--task i2v-14B without weights), login required."""
+    from tests.ui_server import running_app
+
+    with running_app(tmp_path_factory.mktemp("i2v-fuzz"), tiny_model_dir, "--task", "i2v-14B",
+                     "--auth", f"{USER}:{PASSWORD}") as app:
+        app.uploads = app.outputs / ".gradio-cache"
+        yield app
+
+
+def image_files(folder: Path) -> list[Path]:
+    """What lies in the upload folder besides Gradio's copies of results (mp4 and json)."""
+    return [p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".mp4", ".json")]
+
+
+def test_hostile_images_are_refused_naming_the_image_and_leave_nothing_behind(i2v_server, tmp_path):
+    """Every hostile file is uploaded (the route takes any bytes up to the limit) and named in a request; every
+    value that is no upload at all (paths, ../, URLs, wrong types, FileData naming files outside the uploads) is
+    sent as the image: each gets an error naming `image` and the limit, never a traceback; bodies
+    over the limits are refused at the door; the server then serves a good request, and the upload folder
+    holds none of the requests' files."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from engine.images import MAX_IMAGE_BYTES
+    from uploads import MAX_UPLOAD_BODY
+
+    app = i2v_server
+    log_offset = len(app.log(0))
+    qc = QueueClient(app.url)
+    answers, stored = [], []
+    try:
+        for case, name, data in hostile_image_files():
+            r = upload_file(app.url, qc.http.cookies, name, data)
+            assert r.status_code == 200 and not TRACEBACK.search(r.text), (case, r.status_code, r.text)
+            (path,) = r.json()
+            stored.append(Path(path))
+            answers.append((case, qc.call([*IMAGE_REQUEST, {"path": path, "meta": {"_type": "gradio.FileData"}}])))
+        for case, value in hostile_image_values(app.uploads):
+            answers.append((case, qc.call([*IMAGE_REQUEST, value])))
+    finally:
+        qc.close()
+    cookies = login_cookies(app.url)
+    door = {  # refused before Gradio stores anything
+        "one file over 20 MB": upload_file(app.url, cookies, "big.png", b"\0" * (MAX_IMAGE_BYTES + 1)).status_code,
+        "three files": httpx.post(app.url + "/gradio_api/upload", cookies=cookies, timeout=60,
+                                  files=[("files", (f"{i}.png", image_bytes(seed=i))) for i in range(3)]).status_code,
+        "not multipart": httpx.post(app.url + "/gradio_api/upload", cookies=cookies, content=b"x" * 100,
+                                    headers={"content-type": "application/octet-stream"}).status_code,
+    }
+    conn = __import__("http.client").client.HTTPConnection("127.0.0.1", int(app.url.rsplit(":", 1)[1]), timeout=30)
+    conn.putrequest("POST", "/gradio_api/upload")
+    conn.putheader("Cookie", cookie_header(cookies))
+    conn.putheader("Content-Type", "multipart/form-data; boundary=b")
+    conn.putheader("Content-Length", str(MAX_UPLOAD_BODY + 1))
+    conn.endheaders()
+    door["body over 2 x 20 MB"] = conn.getresponse().status
+    conn.close()
+    client_errors = {}  # the same files through gradio_client (handle_file uploads them)
+    gc = Client(app.url, auth=(USER, PASSWORD), verbose=False, download_files=False)
+    for case, name, data in hostile_image_files()[:4]:
+        f = tmp_path / name
+        f.write_bytes(data)
+        with pytest.raises(AppError) as err:
+            gc.predict(prompt="a cat", size="128*96", frame_num=1, sample_steps=1, image=handle_file(str(f)),
+                       api_name="/generate")
+        client_errors[case] = str(err.value)
+    good = tmp_path / "good.png"
+    good.write_bytes(image_bytes("PNG", 64, 48, seed=9))
+    out = gc.predict(prompt="after the hostile images", size="128*96", frame_num=1, sample_steps=1,
+                     image=handle_file(str(good)), api_name="/generate")
+    log = app.log(0)[log_offset:]
+    bad = [(c, a.kind, a.error) for c, a in answers if a.kind != "error" or not str(a.error).startswith("image: ")]
+    record(SHORT, "hostile_images", cases=len(answers), refused_naming_image=len(answers) - len(bad), door=door, client_errors=len(client_errors), leftover=[p.name for p in image_files(app.uploads)])
+    assert bad == [], bad
+    assert not [c for c, a in answers if TRACEBACK.search(a.raw) or "root:x:0:0" in a.raw]
+    assert door == {"one file over 20 MB": 413, "three files": 400, "not multipart": 400, "body over 2 x 20 MB": 413}
+    assert all(e.startswith("image: ") for e in client_errors.values()), client_errors
+    assert "Traceback" not in log and "ERROR wan." not in log, log[-3000:]
+    assert i2v_server.proc.poll() is None and "Done" in out[4] and "first frame 64*48" in out[4]
+    assert not [p for p in stored if p.exists()] and image_files(app.uploads) == []  # every job's files deleted
