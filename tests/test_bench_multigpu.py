@@ -44,7 +44,8 @@ def test_two_gloo_ranks_write_every_measurement(tiny_model_dir, tmp_path):
     assert res["scaling"] == {k: res["forward_ms"]["1"] / res["forward_ms"][k] for k in layouts}
     # single_gpu pins world_size 1 and 8gpu_distributed world_size 8: neither runs on 2 ranks
     peaks = res["peak_gib_per_gpu"]
-    assert set(peaks) == {"default", "dit_fsdp", "balanced", "low_vram", "max_speed", "auto", "distilled_4step"}
+    assert set(peaks) == {"default", "dit_fsdp", "balanced", "low_vram", "max_speed", "auto", "distilled_4step", "fp8_24gb",
+                          "fp8_speed"}
     for name, per_rank in peaks.items():
         assert len(per_rank) == 2 and all(isinstance(v, float) and v > 0 for v in per_rank), (name, per_rank)
     assert isinstance(res["end_to_end_s"], float) and res["end_to_end_s"] > 0
