@@ -70,7 +70,7 @@ from ui_parts import (
     shift_for_size,
     waiting_in_queue,
 )
-from uploads import GuardFileData, GuardFiles, GuardUploads, Uploads, upload_path
+from uploads import GuardFileData, GuardFiles, GuardUploads, Uploads, forward_with_body, upload_path
 
 log = logging.getLogger("wan.ui")
 
@@ -542,16 +542,7 @@ class GuardQueueJoin:
         if isinstance(fn, int) and not isinstance(fn, bool) and fn not in self.fn_indices():
             await JSONResponse({"detail": f"fn_index: no event {fn} in this app"}, status_code=422)(scope, receive, send)
             return
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await forward_with_body(self.app, scope, body, receive, send)
 
 
 HEALTH_DEADLINE_S = 5.0  # /healthz: how long every rank has to answer the probe (?deadline=S, 0.1 to 30)

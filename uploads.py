@@ -391,13 +391,19 @@ class GuardFileData:
             body = json.dumps({**parsed, "data": data}).encode("utf-8", "surrogatepass")
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
             scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-        sent = False
+        await forward_with_body(self.app, scope, body, receive, send)
 
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+async def forward_with_body(app, scope, body: bytes, receive, send) -> None:
+    """Pass an HTTP request on to `app` after a middleware read its whole body: the body is replayed once, then
+    the client's own messages (a disconnect) follow."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    await app(scope, replay, send)

@@ -88,13 +88,29 @@ def random_items(module: torch.nn.Module, seed: int, device: str, dtype: torch.d
     return out
 
 
-def write_models(root: Path, smoke: bool, device: str) -> dict:
-    """The lane's model folder: DiT (14B or tiny), umt5 (width 4096, 2 layers), VAE; returns app flags."""
+def write_text_encoder_and_vae(root: Path, text_dim: int, smoke: bool, device: str, dtype: torch.dtype,
+                               meta: dict) -> None:
+    """The lane's umt5 (width text_dim, 2 layers, small vocabulary, its tokenizer) and VAE under root."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from engine.dit import WanDiT
     from engine.text_encoder import build_tiny_tokenizer
     from engine.vae import WanVAE
+
+    with torch.device("meta"):
+        vae = WanVAE(dim=16 if smoke else 96, z_dim=16)
+        t5 = UMT5EncoderModel(UMT5Config(
+            vocab_size=2048, d_model=text_dim, num_layers=2, num_heads=4 if smoke else 64, d_kv=16 if smoke else 64,
+            d_ff=128 if smoke else 10240, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+            relative_attention_max_distance=128, layer_norm_epsilon=1e-6, is_encoder_decoder=False))
+    t5_items = [it for it in random_items(t5, 2, device, dtype) if it[0] != "encoder.embed_tokens.weight"]
+    write_safetensors(root / "text_encoders" / "umt5_lane_random.safetensors", t5_items, meta)
+    build_tiny_tokenizer(root / "text_encoders" / "tokenizer", vocab_size=2048)
+    write_safetensors(root / "vae" / "wan_2.1_vae_lane_random.safetensors", random_items(vae, 3, device, dtype), meta)
+
+
+def write_models(root: Path, smoke: bool, device: str) -> dict:
+    """The lane's model folder: DiT (14B or tiny), umt5 (width 4096, 2 layers), VAE; returns app flags."""
+    from engine.dit import WanDiT
 
     t0 = time.perf_counter()
     done = root / "written.json"
@@ -107,18 +123,10 @@ def write_models(root: Path, smoke: bool, device: str) -> dict:
     dcfg = DIT_CONFIGS["tiny" if smoke else "14B"]
     with torch.device("meta"):
         dit = WanDiT(dcfg)
-        vae = WanVAE(dim=16 if smoke else 96, z_dim=16)
-        t5 = UMT5EncoderModel(UMT5Config(
-            vocab_size=2048, d_model=dcfg.text_dim, num_layers=2, num_heads=4 if smoke else 64, d_kv=16 if smoke else 64,
-            d_ff=128 if smoke else 10240, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-            relative_attention_max_distance=128, layer_norm_epsilon=1e-6, is_encoder_decoder=False))
     dtype = torch.float32 if smoke else torch.bfloat16
     dit_path = root / "diffusion_models" / ("wan_tiny_lane.safetensors" if smoke else "wan2.1_t2v_14B_lane_random.safetensors")
     write_safetensors(dit_path, random_items(dit, 1, device, dtype), meta)
-    t5_items = [it for it in random_items(t5, 2, device, dtype) if it[0] != "encoder.embed_tokens.weight"]
-    write_safetensors(root / "text_encoders" / "umt5_lane_random.safetensors", t5_items, meta)
-    build_tiny_tokenizer(root / "text_encoders" / "tokenizer", vocab_size=2048)
-    write_safetensors(root / "vae" / "wan_2.1_vae_lane_random.safetensors", random_items(vae, 3, device, dtype), meta)
+    write_text_encoder_and_vae(root, dcfg.text_dim, smoke, device, dtype, meta)
     say(f"wrote the lane's random model files in {time.perf_counter() - t0:.1f} s:",
         f"DiT {dit_path.stat().st_size / 2**30:.2f} GiB")
     flags = ["--model_dir", str(root), "--tokenizer", str(root / "text_encoders" / "tokenizer")]

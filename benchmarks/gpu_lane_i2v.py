@@ -19,20 +19,24 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_lane import case, gang, peak, random_items, say, write_safetensors
+from benchmarks.gpu_lane import (
+    case,
+    gang,
+    peak,
+    random_items,
+    say,
+    write_safetensors,
+    write_text_encoder_and_vae,
+)
 
 OFFICIAL_STEPS = 40  # the I2V default (engine/config.py SAMPLE_DEFAULTS["i2v-14B"])
 
 
 def write_i2v_models(root: Path, smoke: bool, device: str) -> dict:
     """DiT (I2V 14B or tiny-i2v), CLIP tower, umt5 (width 4096, 2 layers), VAE; returns app flags."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
     from engine.clip import CLIP_H14, TINY_IMAGE_CLIP, transformers_shapes
     from engine.config import DIT_CONFIGS
     from engine.dit import WanDiT
-    from engine.text_encoder import build_tiny_tokenizer
-    from engine.vae import WanVAE
 
     done = root / "written.json"
     if done.exists():
@@ -44,11 +48,6 @@ def write_i2v_models(root: Path, smoke: bool, device: str) -> dict:
     dcfg = DIT_CONFIGS["tiny-i2v" if smoke else "i2v-14B"]
     with torch.device("meta"):
         dit = WanDiT(dcfg)
-        vae = WanVAE(dim=16 if smoke else 96, z_dim=16)
-        t5 = UMT5EncoderModel(UMT5Config(
-            vocab_size=2048, d_model=dcfg.text_dim, num_layers=2, num_heads=4 if smoke else 64, d_kv=16 if smoke else 64,
-            d_ff=128 if smoke else 10240, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-            relative_attention_max_distance=128, layer_norm_epsilon=1e-6, is_encoder_decoder=False))
     dtype = torch.float32 if smoke else torch.bfloat16
     dit_path = root / "diffusion_models" / "wan2.1_i2v_14B_lane_random.safetensors"
     write_safetensors(dit_path, random_items(dit, 11, device, dtype), meta)
@@ -61,10 +60,7 @@ def write_i2v_models(root: Path, smoke: bool, device: str) -> dict:
     clip_dtype = torch.float32 if smoke else torch.float16
     write_safetensors(root / "clip_vision" / "clip_vision_h_lane_random.safetensors",
                       random_items(Shapes(), 12, device, clip_dtype), {**meta, "clip_heads": str(clip_cfg.heads)})
-    t5_items = [it for it in random_items(t5, 2, device, dtype) if it[0] != "encoder.embed_tokens.weight"]
-    write_safetensors(root / "text_encoders" / "umt5_lane_random.safetensors", t5_items, meta)
-    build_tiny_tokenizer(root / "text_encoders" / "tokenizer", vocab_size=2048)
-    write_safetensors(root / "vae" / "wan_2.1_vae_lane_random.safetensors", random_items(vae, 3, device, dtype), meta)
+    write_text_encoder_and_vae(root, dcfg.text_dim, smoke, device, dtype, meta)
     say(f"wrote the I2V lane's random model files in {time.perf_counter() - t0:.1f} s:",
         f"DiT {dit_path.stat().st_size / 2**30:.2f} GiB")
     flags = ["--model_dir", str(root), "--tokenizer", str(root / "text_encoders" / "tokenizer")]
