@@ -414,7 +414,9 @@ def part_sensitivity(a, res, deadline) -> dict:
     tin = inputs(cfg, 832, 480, a.sens_frames)
     ref16 = m(*tin)
     out: dict = {"frames": a.sens_frames, "per_block_rel_err_vs_bf16": []}
-    for i in range(len(m.blocks)):
+    picked = range(len(m.blocks)) if a.sens_blocks == "all" else [int(b) for b in a.sens_blocks.split(",")]
+    out["blocks"] = list(picked)
+    for i in picked:
         if left(deadline) < 90:
             out["stopped_at_block"] = i
             break
@@ -590,6 +592,7 @@ def main() -> None:
     ap.add_argument("--fp32-frames-720", type=int, default=21)
     ap.add_argument("--cap-gib", type=float, default=22.0)
     ap.add_argument("--sens-frames", type=int, default=17)
+    ap.add_argument("--sens-blocks", default="all", help="sensitivity: the blocks quantized alone ('all' or a list)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--exact-steps", type=int, default=5)
     ap.add_argument("--latent-frames-14b", type=int, default=17)
