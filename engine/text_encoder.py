@@ -7,6 +7,7 @@ import itertools
 import json
 import re
 import string
+import threading
 import unicodedata
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -334,6 +335,10 @@ class TextEncoder:
     def __init__(self, model: UMT5EncoderModel, tokenizer: PreTrainedTokenizerFast) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        # A fast tokenizer sets padding/truncation on its one Rust tokenizer before each call, so a count_tokens
+        # (request validation, on the web server's threads) racing a tokenize (the running request) could make
+        # the batch unpadded ("Unable to create tensor ... excessive nesting"): one call at a time.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -352,20 +357,24 @@ class TextEncoder:
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cleaned, EOS-terminated ids and mask, padded/truncated to text_len: two (B, text_len) int64 tensors."""
-        enc = self.tokenizer(
-            [clean_prompt(p) for p in prompts],
-            padding="max_length",
-            max_length=self.text_len,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
+        cleaned = [clean_prompt(p) for p in prompts]
+        with self._tokenizer_lock:
+            enc = self.tokenizer(
+                cleaned,
+                padding="max_length",
+                max_length=self.text_len,
+                truncation=True,
+                add_special_tokens=True,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
         return enc["input_ids"], enc["attention_mask"]
 
     def count_tokens(self, prompt: str) -> int:
-        """Real token count (EOS included) of the cleaned prompt before truncation."""
-        return len(self.tokenizer(clean_prompt(prompt), add_special_tokens=True)["input_ids"])
+        """Real token count (EOS included) of the cleaned prompt before truncation (thread-safe)."""
+        cleaned = clean_prompt(prompt)
+        with self._tokenizer_lock:
+            return len(self.tokenizer(cleaned, add_special_tokens=True)["input_ids"])
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:

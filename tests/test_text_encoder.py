@@ -275,3 +275,32 @@ def test_load_tokenizer_reports_missing_files(tmp_path):
         load_tokenizer(tmp_path / "nope")
     with pytest.raises(ValueError):
         load_tokenizer()
+
+
+def test_counting_tokens_on_other_threads_never_unpads_a_running_tokenize(encoder):
+    """Validation (count_tokens, on the web server's threads) races the running request's tokenize: the fast
+    tokenizer's padding/truncation state is shared, so without the encoder's lock a batch came out unpadded
+    ("Unable to create tensor ... excessive nesting") — seen in the jobs-API fuzz under load."""
+    import threading
+
+    stop, errors = threading.Event(), []
+
+    def count() -> None:
+        while not stop.is_set():
+            encoder.count_tokens("a fox " * 40)
+
+    threads = [threading.Thread(target=count, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(300):
+            try:
+                ids, mask = encoder.tokenize(["a red fox", "a much longer prompt about a dog " * 5])
+                assert ids.shape == mask.shape == (2, encoder.text_len)
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
