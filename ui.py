@@ -70,7 +70,7 @@ from ui_parts import (
     shift_for_size,
     waiting_in_queue,
 )
-from uploads import GuardFiles, GuardUploads, Uploads, forward_with_body, strip_file_data_body, upload_path
+from uploads import GuardFileData, GuardFiles, GuardUploads, Uploads, forward_with_body, upload_path
 
 log = logging.getLogger("wan.ui")
 
@@ -511,12 +511,10 @@ MAX_JOIN_BYTES = 2**20  # a queue-join body: 12 values, the prompts ≤ 2,000 ch
 class GuardQueueJoin:
     """ASGI middleware for POST …/queue/join (every page and API request enters the queue there): a body over
     MAX_JOIN_BYTES answers 413 before Gradio buffers it, and an fn_index that names no event of this app
-    answers 422 (Gradio itself answers those with a bare 500). With `uploads`, FileData values that name no
-    upload of this server become plain values (uploads.strip_file_data) before Gradio sees them; anything else
-    goes on to Gradio unchanged. One read and one parse of the body for all of it."""
+    answers 422 (Gradio itself answers those with a bare 500). Anything else goes on to Gradio unchanged."""
 
-    def __init__(self, app, fn_indices: Callable[[], Any], uploads: Uploads | None = None) -> None:
-        self.app, self.fn_indices, self.uploads = app, fn_indices, uploads
+    def __init__(self, app, fn_indices: Callable[[], Any]) -> None:
+        self.app, self.fn_indices = app, fn_indices
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/queue/join"):
@@ -538,15 +536,12 @@ class GuardQueueJoin:
                 return
         body = b"".join(chunks)
         try:
-            parsed = json.loads(body)
-        except (ValueError, RecursionError):
-            parsed = None  # not JSON: Gradio's own validation answers 422
-        fn = parsed.get("fn_index") if isinstance(parsed, dict) else None
+            fn = json.loads(body).get("fn_index")
+        except (ValueError, AttributeError, RecursionError):
+            fn = None  # not a JSON object: Gradio's own validation answers 422
         if isinstance(fn, int) and not isinstance(fn, bool) and fn not in self.fn_indices():
             await JSONResponse({"detail": f"fn_index: no event {fn} in this app"}, status_code=422)(scope, receive, send)
             return
-        if self.uploads is not None and isinstance(parsed, dict):
-            body, scope = strip_file_data_body(parsed, self.uploads, body, scope)
         await forward_with_body(self.app, scope, body, receive, send)
 
 
@@ -625,7 +620,8 @@ def serve_ui(server, cfg: RunConfig, auth: list[tuple[str, str]] | None = None) 
                 max_file_size=MAX_IMAGE_BYTES if uploads.enabled else "1mb", enable_monitoring=False, ssr_mode=False,
                 run_history=False, mcp_server=False, pwa=False, footer_links=["api"], css=CSS, quiet=False,
                 app_kwargs={"middleware": [Middleware(GuardUploads, uploads=uploads), Middleware(GuardFiles, uploads=uploads),
-                                           Middleware(GuardQueueJoin, fn_indices=lambda: demo.fns.keys(), uploads=uploads)],
+                                           Middleware(GuardQueueJoin, fn_indices=lambda: demo.fns.keys()),
+                                           Middleware(GuardFileData, uploads=uploads)],
                             "routes": [healthz_route(server), *api_routes(server, cfg, jobs)]},
                 prevent_thread_lock=True,  # returns once serving (the port is bound); blocked on below
             )

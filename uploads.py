@@ -363,18 +363,35 @@ def strip_file_data(obj: Any, uploads: Uploads) -> tuple[Any, bool]:
     return walk(obj, 0), changed
 
 
-def strip_file_data_body(parsed: dict, uploads: Uploads, body: bytes, scope) -> tuple[bytes, Any]:
-    """A queue-join body (parsed) whose FileData values that name no upload of this server are made plain values
-    (strip_file_data): (body, scope), re-encoded with its content-length when anything changed."""
-    try:
-        data, changed = strip_file_data(parsed.get("data"), uploads)
-    except RecursionError:
-        return body, scope
-    if not changed:
-        return body, scope
-    body = json.dumps({**parsed, "data": data}).encode("utf-8", "surrogatepass")
-    headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-    return body, {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+class GuardFileData:
+    """ASGI middleware for POST …/queue/join (behind GuardQueueJoin, which bounds the body): FileData values that
+    name no upload of this server become plain values (strip_file_data) before Gradio sees them."""
+
+    def __init__(self, app, uploads: Uploads) -> None:
+        self.app, self.uploads = app, uploads
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/queue/join"):
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            parsed = json.loads(body)
+            data, changed = strip_file_data(parsed.get("data"), self.uploads) if isinstance(parsed, dict) else (None, False)
+        except (ValueError, RecursionError):
+            changed = False
+        if changed:
+            body = json.dumps({**parsed, "data": data}).encode("utf-8", "surrogatepass")
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+            scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        await forward_with_body(self.app, scope, body, receive, send)
 
 
 async def forward_with_body(app, scope, body: bytes, receive, send) -> None:

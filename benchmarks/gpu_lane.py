@@ -127,16 +127,11 @@ def write_models(root: Path, smoke: bool, device: str) -> dict:
     dit_path = root / "diffusion_models" / ("wan_tiny_lane.safetensors" if smoke else "wan2.1_t2v_14B_lane_random.safetensors")
     write_safetensors(dit_path, random_items(dit, 1, device, dtype), meta)
     write_text_encoder_and_vae(root, dcfg.text_dim, smoke, device, dtype, meta)
-    return finish_models(root, dit_path, None if smoke else "t2v-14B", t0)
-
-
-def finish_models(root: Path, dit_path: Path, task: str | None, t0: float) -> dict:
-    """Log the written folder and record its app flags (--task unless the smoke run) in root/written.json."""
     say(f"wrote the lane's random model files in {time.perf_counter() - t0:.1f} s:",
         f"DiT {dit_path.stat().st_size / 2**30:.2f} GiB")
     flags = ["--model_dir", str(root), "--tokenizer", str(root / "text_encoders" / "tokenizer")]
-    m = {"flags": flags + (["--task", task] if task else []), "dit_gib": dit_path.stat().st_size / 2**30}
-    (root / "written.json").write_text(json.dumps(m))
+    m = {"flags": flags + ([] if smoke else ["--task", "t2v-14B"]), "dit_gib": dit_path.stat().st_size / 2**30}
+    done.write_text(json.dumps(m))
     return m
 
 

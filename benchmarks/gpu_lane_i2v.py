@@ -21,10 +21,10 @@ import torch
 
 from benchmarks.gpu_lane import (
     case,
-    finish_models,
     gang,
     peak,
     random_items,
+    say,
     write_safetensors,
     write_text_encoder_and_vae,
 )
@@ -61,7 +61,12 @@ def write_i2v_models(root: Path, smoke: bool, device: str) -> dict:
     write_safetensors(root / "clip_vision" / "clip_vision_h_lane_random.safetensors",
                       random_items(Shapes(), 12, device, clip_dtype), {**meta, "clip_heads": str(clip_cfg.heads)})
     write_text_encoder_and_vae(root, dcfg.text_dim, smoke, device, dtype, meta)
-    return finish_models(root, dit_path, None if smoke else "i2v-14B", t0)
+    say(f"wrote the I2V lane's random model files in {time.perf_counter() - t0:.1f} s:",
+        f"DiT {dit_path.stat().st_size / 2**30:.2f} GiB")
+    flags = ["--model_dir", str(root), "--tokenizer", str(root / "text_encoders" / "tokenizer")]
+    m = {"flags": flags + ([] if smoke else ["--task", "i2v-14B"]), "dit_gib": dit_path.stat().st_size / 2**30}
+    done.write_text(json.dumps(m))
+    return m
 
 
 def _image(path: Path, w: int, h: int) -> str:

@@ -29,7 +29,7 @@ def estimate_inputs(server, req: GenerationRequest) -> EstimateInputs:
     pct = req.offload_percent if req.offload_percent is not None else now["offload_percent"]
     mode = MemoryMode(world_size=server.rt.world_size, dit_fsdp=st.dit_fsdp, blocks_to_swap=swap,
                       offload_percent=pct, t5=t5_place, offload_model=cfg.offload_model,
-                      dtype_bytes=st.info.dtype.itemsize, fp8=cfg.quantize == "fp8",
+                      dtype_bytes=st.info.dtype.itemsize, fp8=getattr(cfg, "quantize", "none") == "fp8",
                       vae_decode=True, vae_tiling=cfg.vae_tiling, vae_parts=server.rt.world_size if st.parallel_vae else 1)
     request = Request(req.width, req.height, req.frame_num, req.batch_size, cfg=req.sample_guide_scale != 1.0)
     kw: dict[str, Any] = {"t5": t5} if len(t5) == 6 else {}

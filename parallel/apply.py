@@ -160,7 +160,7 @@ def load_dit_placed(cfg: RunConfig, files, rt: Runtime, dtype: torch.dtype, mesh
     dcfg = task_config(cfg, files) or dcfg  # --task: the file must be that model (else: first mismatching tensor)
     model = build_dit(dcfg, dtype)  # each tensor in its run dtype (keep_fp32 ones fp32) before sharding
     prepare = None
-    if cfg.quantize == "fp8":  # fp8 layers on the meta model first: the offload plan counts their real bytes
+    if getattr(cfg, "quantize", "none") == "fp8":  # fp8 layers on the meta model first: the offload plan counts their real bytes
         from engine.cli import FP8_FSDP_REFUSAL
         from parallel.quantize import apply_fp8, parse_keep_blocks
 

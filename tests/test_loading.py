@@ -100,7 +100,6 @@ def test_fp8_file_upcasts_the_fp32_tensors_without_a_bf16_round_trip(tmp_path, o
 FSDP_SCRIPT = """
 import sys, types
 import torch, torch.distributed as dist
-from engine.cli import RunConfig
 from engine.loading import build_dit, load_dit, open_dit
 from parallel.apply import load_dit_placed
 from parallel.fsdp import apply_fsdp, flat_mesh, load_sharded
@@ -111,7 +110,7 @@ folder, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 path = folder + "/wan.safetensors"
 dist.init_process_group("gloo", rank=rank, world_size=world, init_method="file://" + folder + "/rdzv")
 mesh = flat_mesh(torch.device("cpu"), world)
-cfg = RunConfig()
+cfg = types.SimpleNamespace(task=None, blocks_to_swap=0, offload_percent=0.0)
 rt = types.SimpleNamespace(device=torch.device("cpu"))
 model = load_dit_placed(cfg, types.SimpleNamespace(dit=path), rt, torch.bfloat16, mesh)
 fp32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32}

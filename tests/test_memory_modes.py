@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from engine.cli import RunConfig
 from engine.loading import load_dit
 from engine.request import GenerationRequest
 from engine.tiny import DIT_FILE
@@ -177,7 +176,7 @@ def test_block_swap_in_a_bf16_run_keeps_the_fp32_tensors_and_the_output(dit_path
     plain = load_dit(dit_path, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = plain(x, t, ctx)
-    cfg = RunConfig(blocks_to_swap=1, offload_percent=0.5)
+    cfg = SimpleNamespace(task=None, blocks_to_swap=1, offload_percent=0.5)
     model = load_dit_placed(cfg, SimpleNamespace(dit=dit_path), SimpleNamespace(device=torch.device("cpu")),
                             torch.bfloat16, None)
     streamer = model.block_runner.streamer

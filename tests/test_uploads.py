@@ -429,7 +429,7 @@ def test_the_api_refuses_file_data_outside_the_uploads_naming_the_image(i2v_app)
         qc.close()
     assert [a.error for a in answers] == [f"image: must be uploaded image data, not a path on the server ({LIMIT})"] * 3
     assert not any(TRACEBACK.search(a.raw) or "root:x:0:0" in a.raw for a in answers)
-    assert "Traceback" not in i2v_app.log(100_000)  # Gradio never saw them as files (ui.GuardQueueJoin with uploads.strip_file_data_body)
+    assert "Traceback" not in i2v_app.log(100_000)  # Gradio never saw them as files (uploads.GuardFileData)
 
 
 def test_text_to_video_refuses_every_upload(tmp_path, tiny_model_dir):
